@@ -1,0 +1,31 @@
+# `make demo`: set up, then train fold 1 of the quick preset on the demo data.  `make test`: the test suite.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
+
+.PHONY: install demo test test-slow ui clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: install
+	mlflow run . --env-manager local --experiment-name rfcx -P fold=1 -P config=experiments/quick.yaml
+
+test: install
+	$(BIN)/python -m pytest
+
+test-slow: install
+	$(BIN)/python -m pytest -m slow
+
+ui: install
+	mlflow ui --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf $(VENV) data mlruns mlartifacts mlflow.db optuna.db

@@ -1,0 +1,355 @@
+"""Waveform augmentations (the seed notebook's, made deterministic and checked).
+
+Every transform takes a mono float waveform ``y`` (1-D, float32 in the pipeline) and an
+explicit ``numpy.random.Generator``; nothing here touches numpy's global RNG, so a sample's
+augmentation is reproducible from the generator's seed alone, whatever else runs in the
+process (data loader workers, Keras, other libraries).
+
+A leaf transform splits the work the way audiomentations does: ``randomize_parameters``
+draws every random value (noise is drawn as a seed, so the parameters stay a few scalars),
+and ``apply`` is deterministic given those values.  ``transform(y, rng)`` returns
+``(output, params)``; ``params`` is the small dict of drawn values, printed on plots of
+augmented samples, and empty when the transform was skipped.  ``transform.apply(y, params)``
+reproduces the output.
+
+Outputs have ``y``'s dtype and length.  The input is never modified in place; a transform
+that changes nothing may return ``y`` itself.
+
+Fixed against the seed: ``PitchShift`` draws +max_semitones too (``randint(-5, 5)`` never
+did), ``TimeShift(padding="zero")`` with a shift of 0 no longer zeroes the whole window, and
+``VolumeControl(mode="fade")`` accepts a one-sample window.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+from typing import Any, Callable, Sequence
+
+import colorednoise
+import librosa
+import numpy as np
+
+from rfcx_mlops.config import AugmentConfig
+
+Params = dict[str, Any]
+Stage = Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, Params]]
+
+_SEED_BOUND = 2**63  # seeds drawn for noise and for Compose's stages
+
+
+# -- argument checks: each names the argument, so a bad config value is easy to trace --------
+
+
+def _real(name: str, value: Any, minimum: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number; got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {value!r}")
+    return float(value)
+
+
+def _integer(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise ValueError(f"{name} must be an integer; got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {value!r}")
+    return int(value)
+
+
+def _probability(p: Any) -> float:
+    p = _real("p", p)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must be within [0, 1]; got {p!r}")
+    return p
+
+
+def _choice(name: str, value: Any, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+    return value
+
+
+def _peak(y: np.ndarray) -> float:
+    return float(np.max(np.abs(y))) if y.size else 0.0
+
+
+# -- the base class ----------------------------------------------------------------------------
+
+
+class Transform:
+    """A random waveform transform applied with probability ``p``.
+
+    ``__call__`` always draws its coin (``rng.random() < p``), also for p = 0 or 1, so p's
+    value never changes which numbers the parameters are drawn from; the parameters are
+    drawn only when the transform applies.
+    """
+
+    name = "transform"  # the key prefix / OneOf label that identifies it in params
+
+    def __init__(self, p: float = 1.0) -> None:
+        self.p = _probability(p)
+
+    def randomize_parameters(self, y: np.ndarray, rng: np.random.Generator) -> Params:
+        raise NotImplementedError
+
+    def apply(self, y: np.ndarray, params: Params) -> np.ndarray:
+        raise NotImplementedError
+
+    def __call__(self, y: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, Params]:
+        y = np.asarray(y)
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.floating):
+            raise ValueError(f"expected a 1-D float waveform; got shape {y.shape}, dtype {y.dtype}")
+        if rng.random() >= self.p:
+            return y, {}
+        params = self.randomize_parameters(y, rng)
+        return self.apply(y, params), params
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+
+# -- noise -------------------------------------------------------------------------------------
+
+
+class _NoiseSNR(Transform):
+    """Adds noise at an SNR drawn uniformly from [min_snr_db, max_snr_db] (dB).
+
+    As in the seed, the SNR is a ratio of peak amplitudes over the window,
+    ``20*log10(peak(y) / peak(noise))``, not of powers: rainforest calls are short and loud,
+    so a power ratio would bury them under noise scaled to the window's mostly quiet average.
+    Negative SNRs (noise louder than the signal) are allowed.  A silent window stays silent,
+    and so does one shorter than two samples (colorednoise needs two).
+    """
+
+    def __init__(self, min_snr_db: float = 5.0, max_snr_db: float = 20.0, p: float = 1.0) -> None:
+        super().__init__(p)
+        self.min_snr_db = _real("min_snr_db", min_snr_db)
+        self.max_snr_db = _real("max_snr_db", max_snr_db)
+        if self.min_snr_db > self.max_snr_db:
+            raise ValueError(f"min_snr_db ({min_snr_db}) must not exceed max_snr_db ({max_snr_db})")
+
+    def randomize_parameters(self, y: np.ndarray, rng: np.random.Generator) -> Params:
+        return {
+            "snr_db": float(rng.uniform(self.min_snr_db, self.max_snr_db)),
+            "noise_seed": int(rng.integers(_SEED_BOUND)),
+        }
+
+    def apply(self, y: np.ndarray, params: Params) -> np.ndarray:
+        peak = _peak(y)
+        if peak == 0.0 or y.size < 2:  # nothing to measure the SNR against / no spectrum
+            return y
+        noise = self._noise(y.size, np.random.default_rng(params["noise_seed"]))
+        scale = peak / 10 ** (params["snr_db"] / 20) / _peak(noise)
+        return (y + scale * noise).astype(y.dtype)
+
+    def _noise(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        raise NotImplementedError
+
+
+class GaussianNoiseSNR(_NoiseSNR):
+    """White Gaussian noise at a peak SNR in [min_snr_db, max_snr_db] dB."""
+
+    name = "gaussian"
+
+    def _noise(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        return rng.standard_normal(n)
+
+
+class PinkNoiseSNR(_NoiseSNR):
+    """Pink (1/f power) noise at a peak SNR in [min_snr_db, max_snr_db] dB.
+
+    Pink noise has equal power per octave, closer to the rain, wind and insect background of
+    the recordings than white noise, whose power sits mostly in the highest octave.
+    """
+
+    name = "pink"
+
+    def _noise(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        return colorednoise.powerlaw_psd_gaussian(1, n, random_state=rng)
+
+
+# -- pitch, time, volume -----------------------------------------------------------------------
+
+
+class PitchShift(Transform):
+    """Shifts the pitch by a whole number of semitones drawn from [-max_semitones, +max_semitones].
+
+    Duration is kept (phase vocoder + resampling, ``librosa.effects.pitch_shift``); ``sr`` is
+    the waveform's sample rate in Hz.  A species' call moves in frequency between individuals
+    and recorders, which is what this imitates.
+    """
+
+    name = "pitch_shift"
+
+    def __init__(self, sr: int, max_semitones: int = 5, p: float = 1.0) -> None:
+        super().__init__(p)
+        self.sr = _integer("sr", sr, 1)
+        self.max_semitones = _integer("max_semitones", max_semitones, 0)
+
+    def randomize_parameters(self, y: np.ndarray, rng: np.random.Generator) -> Params:
+        n = int(rng.integers(-self.max_semitones, self.max_semitones, endpoint=True))
+        return {"semitones": n}
+
+    def apply(self, y: np.ndarray, params: Params) -> np.ndarray:
+        if params["semitones"] == 0:  # by far the most expensive transform: skip the no-op
+            return y
+        shifted = librosa.effects.pitch_shift(y, sr=self.sr, n_steps=params["semitones"])
+        return shifted.astype(y.dtype)
+
+
+class TimeShift(Transform):
+    """Rolls the window by a whole number of samples drawn from ±max_shift_seconds * sr.
+
+    ``padding="replace"`` wraps what leaves one end around to the other (the window stays
+    full of real audio); ``"zero"`` silences the wrapped part instead, as if the recording
+    had started or ended there.  ``sr`` is the sample rate in Hz.
+    """
+
+    name = "time_shift"
+
+    def __init__(
+        self, sr: int, max_shift_seconds: float = 4.0, padding: str = "replace", p: float = 1.0
+    ) -> None:
+        super().__init__(p)
+        self.sr = _integer("sr", sr, 1)
+        self.max_shift_seconds = _real("max_shift_seconds", max_shift_seconds, 0.0)
+        self.padding = _choice("padding", padding, ("replace", "zero"))
+
+    def randomize_parameters(self, y: np.ndarray, rng: np.random.Generator) -> Params:
+        limit = round(self.max_shift_seconds * self.sr)
+        shift = int(rng.integers(-limit, limit, endpoint=True))
+        return {"shift_samples": shift, "shift_seconds": round(shift / self.sr, 3)}
+
+    def apply(self, y: np.ndarray, params: Params) -> np.ndarray:
+        shift = params["shift_samples"]
+        shifted = np.roll(y, shift)
+        if self.padding == "zero":
+            # a shift of 0 wraps nothing; the seed's `[shift:] = 0` zeroed everything then
+            if shift > 0:
+                shifted[:shift] = 0
+            elif shift < 0:
+                shifted[shift:] = 0
+        return shifted
+
+
+class VolumeControl(Transform):
+    """Scales the window by a gain of ``gain_db`` dB, drawn from [-max_db, +max_db], times an envelope.
+
+    The gain in dB at sample t of n is ``gain_db * env(t)``, with env = 1 (``"uniform"``),
+    a line from 1 down to 0 (``"fade"``), ``cos(2*pi*t/n)`` (``"cosine"``) or
+    ``sin(2*pi*t/n)`` (``"sine"``): the seed's envelopes, imitating a caller moving relative
+    to the recorder.
+    """
+
+    name = "volume"
+
+    def __init__(self, max_db: float = 10.0, mode: str = "uniform", p: float = 1.0) -> None:
+        super().__init__(p)
+        self.max_db = _real("max_db", max_db, 0.0)
+        self.mode = _choice("mode", mode, ("uniform", "fade", "cosine", "sine"))
+
+    def randomize_parameters(self, y: np.ndarray, rng: np.random.Generator) -> Params:
+        return {"gain_db": float(rng.uniform(-self.max_db, self.max_db))}
+
+    def envelope(self, n: int) -> np.ndarray:
+        """The per-sample multiplier of gain_db, in [-1, 1]."""
+        if self.mode == "uniform":
+            return np.ones(n)
+        if self.mode == "fade":
+            return np.linspace(1.0, 0.0, n)  # the seed's arange(n)[::-1]/(n-1), defined for n = 1
+        phase = 2 * np.pi * np.arange(n) / n
+        return np.cos(phase) if self.mode == "cosine" else np.sin(phase)
+
+    def apply(self, y: np.ndarray, params: Params) -> np.ndarray:
+        gain = 10 ** (params["gain_db"] * self.envelope(y.size) / 20)
+        return (y * gain).astype(y.dtype)
+
+
+# -- combinators -------------------------------------------------------------------------------
+
+
+class OneOf:
+    """With probability ``p``, applies one of ``transforms``, chosen uniformly.
+
+    Its params are the chosen transform's, plus ``{label: chosen.name}`` saying which
+    (``{"noise": "pink", "snr_db": 12.3, ...}`` in the seed pipeline); empty when skipped,
+    or when the chosen transform skipped itself.  The coin is always drawn, the choice only
+    when it applies.
+    """
+
+    name = "one_of"
+
+    def __init__(self, transforms: Sequence[Stage], p: float = 1.0, label: str = "choice") -> None:
+        self.transforms = list(transforms)
+        if not self.transforms or not all(callable(t) for t in self.transforms):
+            raise ValueError(f"transforms must be a non-empty list of transforms; got {transforms!r}")
+        self.p = _probability(p)
+        self.label = label
+
+    def __call__(self, y: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, Params]:
+        if rng.random() >= self.p:
+            return y, {}
+        chosen = self.transforms[int(rng.integers(len(self.transforms)))]
+        out, params = chosen(y, rng)
+        if not params:
+            return out, {}
+        return out, {self.label: getattr(chosen, "name", type(chosen).__name__), **params}
+
+    def __repr__(self) -> str:
+        return f"OneOf({self.transforms!r}, p={self.p!r}, label={self.label!r})"
+
+
+class Compose:
+    """Applies ``transforms`` in order; ``Compose([])`` is the identity.
+
+    Each stage runs on its own Generator, seeded by one draw from ``rng`` (all drawn up
+    front), so whether a stage applies, or which child a OneOf picks, never shifts the numbers
+    the later stages draw: tuning ``noise_p`` leaves the pitch shifts of every sample as they
+    were.  The stages' params are merged into one flat dict; a key that an earlier stage
+    already used gets a suffix (``snr_db#2``).
+    """
+
+    name = "compose"
+
+    def __init__(self, transforms: Sequence[Stage]) -> None:
+        self.transforms = list(transforms)
+        if not all(callable(t) for t in self.transforms):
+            raise ValueError(f"transforms must be a list of transforms; got {transforms!r}")
+
+    def __call__(self, y: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, Params]:
+        merged: Params = {}
+        if not self.transforms:  # the identity draws nothing
+            return y, merged
+        seeds = rng.integers(_SEED_BOUND, size=len(self.transforms))
+        for transform, seed in zip(self.transforms, seeds):
+            y, params = transform(y, np.random.default_rng(seed))
+            for key, value in params.items():
+                unique, n = key, 1
+                while unique in merged:
+                    n += 1
+                    unique = f"{key}#{n}"
+                merged[unique] = value
+        return y, merged
+
+    def __repr__(self) -> str:
+        return f"Compose({self.transforms!r})"
+
+
+def from_config(cfg: AugmentConfig, sr: int) -> Compose:
+    """The seed's pipeline: noise (Gaussian or pink), pitch shift, time shift, volume.
+
+    ``sr`` is the waveform's sample rate in Hz.  ``cfg.enabled = False`` gives the identity.
+    """
+    if not cfg.enabled:
+        return Compose([])
+    snr = {"min_snr_db": cfg.min_snr, "max_snr_db": cfg.max_snr}
+    return Compose([
+        OneOf([GaussianNoiseSNR(**snr), PinkNoiseSNR(**snr)], p=cfg.noise_p, label="noise"),
+        PitchShift(sr, max_semitones=cfg.max_semitones, p=cfg.pitch_p),
+        TimeShift(
+            sr, max_shift_seconds=cfg.max_shift_seconds, padding=cfg.shift_padding, p=cfg.time_shift_p
+        ),
+        VolumeControl(max_db=cfg.max_volume_db, mode=cfg.volume_mode, p=cfg.volume_p),
+    ])

@@ -1,0 +1,274 @@
+"""The configuration: frozen dataclasses, the one source of truth for every run.
+
+Presets in ``experiments/`` hold only what differs from these defaults.  ``load``
+is strict: an unknown key, a wrong type or an inconsistent value is a
+``ConfigError`` naming the key, raised before any data is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key the run cannot use."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    data_dir: str = ""  # empty: build (once) and use the demo data set
+    demo_dir: str = "data/demo"  # where the demo data set is cached
+    demo_recordings: int = 240
+    demo_seed: int = 0  # the demo data stays the same when the training seed changes
+    sample_rate: int = 48000  # audio at another rate is resampled to this
+    n_classes: int = 24
+    crop_seconds: float = 10.0  # window centred on each labelled call
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    n_fft: int = 2048
+    hop_length: int = 512
+    fmin: float = 84.0
+    fmax: float = 15056.0
+    n_mels: int = 128
+    frames: int = 1876  # time axis after resizing
+    top_db: float = 80.0  # dynamic range kept below each sample's loudest mel bin
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    enabled: bool = True
+    noise_p: float = 1.0  # OneOf(Gaussian, pink) noise
+    min_snr: float = 5.0  # dB, relative to the window's peak amplitude
+    max_snr: float = 20.0
+    pitch_p: float = 1.0
+    max_semitones: int = 5  # whole semitones drawn from -max..+max
+    time_shift_p: float = 1.0
+    max_shift_seconds: float = 4.0
+    shift_padding: str = "replace"  # replace | zero
+    volume_p: float = 1.0
+    max_volume_db: float = 10.0
+    volume_mode: str = "sine"  # uniform | fade | cosine | sine
+
+
+@dataclass(frozen=True)
+class FoldConfig:
+    n_splits: int = 3
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    dense_units: int = 1024
+    dropout: float = 0.3
+    bn_momentum: float = 0.99  # Keras' default, as in the seed
+    activation: str = "softmax"  # softmax | sigmoid
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    lr_schedule: str = "constant"  # constant | cosine
+    warmup_epochs: int = 0
+    workers: int = 1  # input pipeline workers; 0 means one per core
+    steps_per_epoch: int = 0  # 0: one pass over the training samples
+    run_eagerly: bool = False  # skips graph tracing: only for tiny smoke runs
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "default"
+    seed: int = 27  # drives folds, augmentation and weight initialisation
+    data: DataConfig = field(default_factory=DataConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    folds: FoldConfig = field(default_factory=FoldConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
+_CHOICES = {
+    "augment.shift_padding": ("replace", "zero"),
+    "augment.volume_mode": ("uniform", "fade", "cosine", "sine"),
+    "model.activation": ("softmax", "sigmoid"),
+    "train.lr_schedule": ("constant", "cosine"),
+}
+_POSITIVE = (
+    "data.sample_rate", "data.n_classes", "data.crop_seconds", "data.demo_recordings",
+    "features.n_fft", "features.hop_length", "features.n_mels", "features.frames", "features.top_db",
+    "model.dense_units", "train.epochs", "train.batch_size", "train.learning_rate",
+)
+_PROBABILITIES = ("augment.noise_p", "augment.pitch_p", "augment.time_shift_p", "augment.volume_p")
+_NON_NEGATIVE = (
+    "augment.max_semitones", "augment.max_shift_seconds", "augment.max_volume_db",
+    "train.warmup_epochs", "train.workers", "train.steps_per_epoch",
+)
+
+
+def _validate(cfg: Config) -> None:
+    flat = flatten(cfg)
+    for key, allowed in _CHOICES.items():
+        if flat[key] not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {flat[key]!r}")
+    for key in _POSITIVE:
+        if not flat[key] > 0:
+            raise ConfigError(f"{key} must be > 0; got {flat[key]}")
+    for key in _NON_NEGATIVE:
+        if flat[key] < 0:
+            raise ConfigError(f"{key} must be >= 0; got {flat[key]}")
+    for key in _PROBABILITIES:
+        if not 0.0 <= flat[key] <= 1.0:
+            raise ConfigError(f"{key} must be within [0, 1]; got {flat[key]}")
+    if cfg.augment.min_snr > cfg.augment.max_snr:
+        raise ConfigError(
+            f"augment.min_snr ({cfg.augment.min_snr}) must not exceed augment.max_snr ({cfg.augment.max_snr})"
+        )
+    if not 0.0 <= cfg.model.dropout < 1.0:
+        raise ConfigError(f"model.dropout must be within [0, 1); got {cfg.model.dropout}")
+    if not 0.0 < cfg.model.bn_momentum < 1.0:
+        raise ConfigError(f"model.bn_momentum must be within (0, 1); got {cfg.model.bn_momentum}")
+    if cfg.folds.n_splits < 2:
+        raise ConfigError(f"folds.n_splits must be >= 2; got {cfg.folds.n_splits}")
+    if not 0 <= cfg.features.fmin < cfg.features.fmax <= cfg.data.sample_rate / 2:
+        raise ConfigError(
+            f"features.fmin < features.fmax <= data.sample_rate/2 is required; got "
+            f"fmin={cfg.features.fmin}, fmax={cfg.features.fmax}, sample_rate={cfg.data.sample_rate}"
+        )
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"train.learning_rate": 0.001, ...}``: the dotted names used for MLflow params."""
+    out: dict[str, Any] = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out.update(flatten(value, key + "."))
+        else:
+            out[key] = value
+    return out
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Check ``value`` against the default's type; ints are accepted where floats are expected."""
+    expected = type(default)
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif expected is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = float(value)
+        elif isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, float) and math.isfinite(value):
+            return value
+    elif expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif expected is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{key} must be a {expected.__name__}; got {value!r}")
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping; got {values!r}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name, value in values.items():
+        f = known[name]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _build(type(default), value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(f"{prefix}{name}", value, default)
+    return cls(**kwargs)
+
+
+def _nest(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {dotted} conflicts with another override")
+        node[leaf] = value
+    return nested
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Defaults, then the preset file at ``path``, then dotted ``overrides`` (``{"train.epochs": 2}``).
+
+    A preset without a ``name`` is named after its file (``experiments/seed.yaml`` -> ``seed``).
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(loaded, Mapping):
+            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+        values = {"name": path.stem, **loaded}
+    values = _merge(values, _nest(overrides or {}))
+    try:
+        return from_dict(values)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
+
+
+def from_dict(values: Mapping[str, Any]) -> Config:
+    """A config from nested values, as ``to_dict`` writes them."""
+    return _build(Config, values, "")

@@ -1,0 +1,47 @@
+"""Cross-validation folds: stratified by species, grouped by recording, numbered 1..n_splits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+from rfcx_mlops.config import ConfigError
+
+
+def assign_folds(events: pd.DataFrame, n_splits: int, seed: int) -> pd.Series:
+    """The validation fold (1..n_splits) of every event row.
+
+    Rows of one recording always share a fold, so no recording is on both sides
+    of a split (the seed notebook's StratifiedKFold on rows let them leak).
+    """
+    n_groups = events["recording_id"].nunique()
+    if n_groups < n_splits:
+        raise ConfigError(f"folds.n_splits={n_splits} needs at least {n_splits} recordings; the data has {n_groups}")
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    fold = pd.Series(0, index=events.index, name="fold")
+    try:
+        for k, (_, val_idx) in enumerate(
+            splitter.split(events, events["species_id"], groups=events["recording_id"]), start=1
+        ):
+            fold.iloc[val_idx] = k
+    except ValueError as exc:  # e.g. no species has n_splits calls
+        raise ConfigError(f"cannot make {n_splits} stratified folds of this data: {exc}") from None
+    return fold
+
+
+def split(events: pd.DataFrame, fold: int, n_splits: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train rows, validation rows) of ``fold``, which is numbered from 1."""
+    if not 1 <= fold <= n_splits:
+        raise ConfigError(f"fold must be within 1..{n_splits}; got {fold}")
+    folds = assign_folds(events, n_splits, seed)
+    return events[folds != fold].reset_index(drop=True), events[folds == fold].reset_index(drop=True)
+
+
+def write_csv(events: pd.DataFrame, n_splits: int, seed: int, path: str | Path) -> Path:
+    """folds.csv: one line per event with its recording, species, call times and fold."""
+    table = events[["recording_id", "species_id", "t_min", "t_max"]].copy()
+    table["fold"] = assign_folds(events, n_splits, seed)
+    table.to_csv(path, index=False)
+    return Path(path)

@@ -1,0 +1,50 @@
+"""ResNet50 (random init, one input channel) with the seed's classification head, built from the config."""
+
+from __future__ import annotations
+
+import keras
+
+from rfcx_mlops.config import Config
+from rfcx_mlops.metrics import StreamingLWLRAP
+
+
+def learning_rate(cfg: Config, steps_per_epoch: int):
+    """A constant rate, or a cosine decay to zero over the run after a linear warm-up."""
+    train = cfg.train
+    if train.lr_schedule == "constant":
+        return train.learning_rate
+    warmup = train.warmup_epochs * steps_per_epoch
+    total = max(1, train.epochs * steps_per_epoch - warmup)
+    if warmup:
+        return keras.optimizers.schedules.CosineDecay(
+            0.0, decay_steps=total, warmup_target=train.learning_rate, warmup_steps=warmup
+        )
+    return keras.optimizers.schedules.CosineDecay(train.learning_rate, decay_steps=total)
+
+
+def build(cfg: Config, steps_per_epoch: int) -> keras.Model:
+    """The compiled model.  Weights draw from Keras' global seed: set it first (``keras.utils.set_random_seed``)."""
+    f, m = cfg.features, cfg.model
+    inputs = keras.Input(shape=(f.n_mels, f.frames, 1), name="mel")
+    backbone = keras.applications.ResNet50(include_top=False, weights=None, input_tensor=inputs)
+    x = keras.layers.GlobalAveragePooling2D()(backbone.output)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.Dropout(m.dropout)(x)
+    x = keras.layers.Dense(m.dense_units, activation="relu", kernel_initializer="he_normal")(x)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.Dropout(m.dropout)(x)
+    outputs = keras.layers.Dense(cfg.data.n_classes, activation=m.activation, kernel_initializer="he_normal",
+                                 name="species")(x)
+    model = keras.Model(inputs, outputs, name="resnet50_rfcx")
+    # With few steps per epoch the default momentum (0.99) leaves the moving
+    # statistics far behind the weights, and validation stays at chance.
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = m.bn_momentum
+    loss = "categorical_crossentropy" if m.activation == "softmax" else "binary_crossentropy"
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate(cfg, steps_per_epoch)),
+        loss=loss,
+        metrics=[StreamingLWLRAP(cfg.data.n_classes)],
+    )
+    return model

@@ -1,0 +1,95 @@
+"""Config loading is strict, and the seed preset reproduces the notebook's settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rfcx_mlops import config
+from rfcx_mlops.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = sorted((ROOT / "experiments").glob("*.yaml"))
+
+
+def test_seed_preset_matches_the_brief():
+    cfg = config.load(ROOT / "experiments" / "seed.yaml")
+    expected = {
+        "name": "seed", "seed": 27, "data.sample_rate": 48000, "data.crop_seconds": 10.0, "data.n_classes": 24,
+        "features.n_fft": 2048, "features.hop_length": 512, "features.fmin": 84.0, "features.fmax": 15056.0,
+        "features.n_mels": 128, "features.frames": 1876,
+        "augment.enabled": True, "augment.noise_p": 1.0, "augment.min_snr": 5.0, "augment.max_snr": 20.0,
+        "augment.pitch_p": 1.0, "augment.max_semitones": 5, "augment.time_shift_p": 1.0,
+        "augment.max_shift_seconds": 4.0, "augment.shift_padding": "replace", "augment.volume_p": 1.0,
+        "augment.max_volume_db": 10.0, "augment.volume_mode": "sine",
+        "folds.n_splits": 3,
+        "model.dense_units": 1024, "model.dropout": 0.3, "model.activation": "softmax", "model.bn_momentum": 0.99,
+        "train.epochs": 10, "train.batch_size": 32, "train.learning_rate": 0.001, "train.lr_schedule": "constant",
+    }
+    flat = config.flatten(cfg)
+    assert {k: flat[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+def test_every_preset_loads_and_holds_only_overrides(preset):
+    cfg = config.load(preset)
+    assert cfg.name == preset.stem
+    if preset.stem != "seed":  # the seed preset spells out every setting on purpose
+        flat_default = config.flatten(config.Config())
+        import yaml
+
+        overrides = config.flatten(config.from_dict(yaml.safe_load(preset.read_text())))
+        listed = _listed_keys(yaml.safe_load(preset.read_text()))
+        assert all(overrides[k] != flat_default[k] for k in listed if k != "name"), "a preset repeats a default"
+
+
+def _listed_keys(values, prefix=""):
+    keys = []
+    for k, v in values.items():
+        keys += _listed_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+    return keys
+
+
+def test_overrides_and_round_trip(tmp_path):
+    cfg = config.load(ROOT / "experiments" / "seed.yaml", {"train.epochs": "3", "model.dropout": 0.5})
+    assert cfg.train.epochs == 3 and cfg.model.dropout == 0.5
+    assert config.from_dict(config.to_dict(cfg)) == cfg
+    path = tmp_path / "again.yaml"
+    path.write_text(config.to_yaml(cfg))
+    assert config.load(path) == cfg
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"train.foo": 1}, "unknown config key train.foo"),
+        ({"trian.epochs": 1}, "unknown config key trian"),
+        ({"augment.min_snr": 25.0}, "augment.min_snr (25.0) must not exceed augment.max_snr (20.0)"),
+        ({"train.learning_rate": 0}, "train.learning_rate must be > 0"),
+        ({"train.learning_rate": -1e-3}, "train.learning_rate must be > 0"),
+        ({"train.epochs": "ten"}, "train.epochs must be a int; got 'ten'"),
+        ({"model.dropout": 1.0}, "model.dropout must be within [0, 1)"),
+        ({"augment.volume_mode": "loud"}, "augment.volume_mode must be one of uniform, fade, cosine, sine"),
+        ({"data.crop_seconds": 0}, "data.crop_seconds must be > 0"),
+        ({"features.fmax": 30000.0}, "features.fmin < features.fmax <= data.sample_rate/2"),
+        ({"folds.n_splits": 1}, "folds.n_splits must be >= 2"),
+        ({"augment.noise_p": 1.5}, "augment.noise_p must be within [0, 1]"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        config.load(ROOT / "experiments" / "seed.yaml", overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        config.load(tmp_path / "list.yaml")
+    (tmp_path / "nested.yaml").write_text("train: 3\n")
+    with pytest.raises(ConfigError, match="train must be a mapping"):
+        config.load(tmp_path / "nested.yaml")

@@ -1,0 +1,185 @@
+"""The data folder reader: each kind of bad input gets one line naming the file (and line), or is handled."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from conftest import make_data_dir, write_tone
+from rfcx_mlops import dataset
+from rfcx_mlops.audio import AudioError, probe, read_window
+
+
+def scan(path):
+    return dataset.scan(path, n_classes=24, sample_rate=48000)
+
+
+def test_good_folder_has_no_problems(tmp_path, good_rows):
+    data, problems = scan(make_data_dir(tmp_path, good_rows))
+    assert problems == []
+    assert len(data.tp) == 3 and set(data.recordings) == {"rec0", "rec1"}
+    assert data.recordings["rec0"].duration == pytest.approx(12.0)
+
+
+@pytest.mark.parametrize(
+    "row, expected",
+    [
+        (("rec2", "x", 1, 1.0, 500.0, 2.0, 900.0), "train_tp.csv line 5: species_id is 'x', not a number"),
+        (("rec2", "", 1, 1.0, 500.0, 2.0, 900.0), "train_tp.csv line 5: species_id is '', not a number"),
+        (("rec2", 24, 1, 1.0, 500.0, 2.0, 900.0), "train_tp.csv line 5: species_id 24 outside 0..23"),
+        (("rec2", -1, 1, 1.0, 500.0, 2.0, 900.0), "train_tp.csv line 5: species_id -1 outside 0..23"),
+        (("rec2", 2, 1, 3.0, 500.0, 3.0, 900.0), "train_tp.csv line 5: t_min 3.0 is not below t_max 3.0"),
+        (("rec2", 2, 1, 3.0, 900.0, 4.0, 500.0), "train_tp.csv line 5: f_min 900.0 is not below f_max 500.0"),
+        (("rec2", 2, 1, 3.0, 500.0, 4.0, 30000.0), "train_tp.csv line 5: f_max 30000.0 Hz is above the Nyquist"),
+        (("rec2", 2, 1, 10.0, 500.0, 13.5, 900.0), "train_tp.csv line 5: t_max 13.5 s is beyond the end of rec2"),
+    ],
+)
+def test_bad_rows_are_named_by_line(tmp_path, good_rows, row, expected):
+    _, problems = scan(make_data_dir(tmp_path, [*good_rows, row]))
+    assert len(problems) == 1
+    assert problems[0].startswith(expected)
+
+
+def test_missing_column(tmp_path, good_rows):
+    folder = make_data_dir(tmp_path, good_rows)
+    csv = folder / "train_tp.csv"
+    csv.write_text(csv.read_text().replace(",f_max", ",fmax"))
+    _, problems = scan(folder)
+    assert problems == ["train_tp.csv: missing column(s) f_max"]
+
+
+def test_missing_tp_file_and_folder(tmp_path):
+    with pytest.raises(dataset.DataError, match="data folder not found"):
+        scan(tmp_path / "nowhere")
+    _, problems = scan(tmp_path)
+    assert problems == [f"{tmp_path / 'train_tp.csv'}: missing (the labelled calls are read from it)"]
+
+
+def test_missing_audio_file(tmp_path, good_rows):
+    folder = make_data_dir(tmp_path, good_rows)
+    (folder / "train" / "rec1.flac").unlink()
+    _, problems = scan(folder)
+    assert problems == ["train/rec1.flac: missing (no .flac or .wav)"]
+
+
+def _replace_audio(folder, content: bytes):
+    (folder / "train" / "rec1.flac").write_bytes(content)
+    return scan(folder)[1]
+
+
+def test_empty_file(tmp_path, good_rows):
+    problems = _replace_audio(make_data_dir(tmp_path, good_rows), b"")
+    assert len(problems) == 1 and problems[0].endswith("rec1.flac: empty file (0 bytes)")
+
+
+def test_non_audio_bytes(tmp_path, good_rows):
+    problems = _replace_audio(make_data_dir(tmp_path, good_rows), b"<html>not audio</html>" * 50)
+    assert len(problems) == 1 and "rec1.flac: not a readable audio file" in problems[0]
+
+
+def test_truncated_flac(tmp_path, good_rows):
+    folder = make_data_dir(tmp_path, good_rows)
+    content = (folder / "train" / "rec1.flac").read_bytes()
+    problems = _replace_audio(folder, content[: len(content) // 2])
+    assert len(problems) == 1 and "rec1.flac" in problems[0]
+    assert "truncated" in problems[0] or "cannot decode" in problems[0]
+
+
+def test_zero_frame_file(tmp_path, good_rows):
+    folder = make_data_dir(tmp_path, good_rows)
+    sf.write(folder / "train" / "rec1.flac", np.zeros(0), 48000, subtype="PCM_16")
+    problems = scan(folder)[1]
+    assert len(problems) == 1 and "rec1.flac" in problems[0]
+
+
+def test_wav_8bit_and_stereo_are_read_as_mono_float(tmp_path):
+    u8 = write_tone(tmp_path / "u8.wav", 2.0, subtype="PCM_U8")
+    stereo = write_tone(tmp_path / "st.wav", 2.0, channels=2)
+    for path in (u8, stereo):
+        y = read_window(probe(path), 0.5, 1.0, 48000)
+        assert y.dtype == np.float32 and y.shape == (48000,)
+        assert 0.25 < np.abs(y).max() < 0.35  # the tone's level survives the mix and the 8-bit codec
+    assert probe(stereo).channels == 2
+
+
+def test_other_sample_rate_is_resampled_with_one_warning(tmp_path, caplog):
+    path = write_tone(tmp_path / "low.flac", 3.0, sr=16000, freq=440.0)
+    info = probe(path)
+    with caplog.at_level(logging.WARNING):
+        y = read_window(info, 1.0, 1.0, 48000)
+        read_window(info, 0.5, 1.0, 48000)
+    assert y.shape == (48000,)
+    assert sum("16000 Hz, resampled to 48000 Hz" in r.message for r in caplog.records) == 1
+    spectrum = np.abs(np.fft.rfft(y * np.hanning(len(y))))
+    assert np.argmax(spectrum) * 48000 / len(y) == pytest.approx(440.0, abs=2.0)
+
+
+def test_short_recording_is_zero_padded(tmp_path):
+    info = probe(write_tone(tmp_path / "short.flac", 2.0))
+    y = read_window(info, 0.0, 5.0, 48000)
+    assert y.shape == (5 * 48000,)
+    assert np.abs(y[: 2 * 48000]).max() > 0.2 and not y[2 * 48000 :].any()
+
+
+def test_window_reads_the_right_frames(tmp_path):
+    sr = 8000
+    ramp = (np.arange(4 * sr) / (4 * sr) - 0.5).astype(np.float32)
+    sf.write(tmp_path / "ramp.wav", ramp, sr, subtype="FLOAT")
+    y = read_window(probe(tmp_path / "ramp.wav"), 1.5, 1.0, sr)
+    np.testing.assert_array_equal(y, ramp[int(1.5 * sr) : int(2.5 * sr)])
+
+
+def test_probe_names_the_file(tmp_path):
+    with pytest.raises(AudioError, match=r"nothing\.flac: file not found"):
+        probe(tmp_path / "nothing.flac")
+
+
+def test_load_raises_one_line_counting_problems(tmp_path, good_rows):
+    folder = make_data_dir(tmp_path, [*good_rows, ("rec2", 99, 1, 1.0, 500.0, 2.0, 900.0),
+                                      ("rec2", 1, 1, 5.0, 500.0, 2.0, 900.0)])
+    with pytest.raises(dataset.DataError) as err:
+        dataset.load(folder, 24, 48000)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("train_tp.csv line 5: species_id 99 outside 0..23 (and 1 more;")
+
+
+def test_check_cli(tmp_path, good_rows):
+    folder = make_data_dir(tmp_path, good_rows)
+    ok = subprocess.run([sys.executable, "-m", "rfcx_mlops.dataset", "check", str(folder)], capture_output=True,
+                        text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "3 calls in 2 recordings, 3 species" in ok.stdout and "no problems found" in ok.stdout
+    assert "train audio: 2 recordings, 2 at 48000 Hz, 12.0-12.0 s" in ok.stdout
+    (folder / "train" / "rec0.flac").write_bytes(b"junk" * 100)
+    bad = subprocess.run([sys.executable, "-m", "rfcx_mlops.dataset", "check", str(folder)], capture_output=True,
+                         text=True)
+    assert bad.returncode == 1
+    assert "Traceback" not in bad.stderr
+    assert "1 problem(s):" in bad.stderr and "rec0.flac: not a readable audio file" in bad.stderr
+
+
+def test_check_on_real_metadata_without_audio(tmp_path, shared_rfcx):
+    for name in ("train_tp.csv", "train_fp.csv", "sample_submission.csv"):
+        shutil.copy(shared_rfcx / name, tmp_path / name)
+    data, problems = scan(tmp_path)
+    assert problems == [f"{tmp_path / 'train'}: folder missing; the CSVs reference 4727 recordings in it"]
+    text = dataset.summary(data)
+    assert "train_tp.csv: 1216 calls in 1132 recordings, 24 species" in text
+    assert "call duration: min 0.27 s, median 1.86 s, max 7.92 s" in text
+    assert "recordings holding 2 or more species: 27" in text
+    assert "train_fp.csv: 7781 verified absences in 3958 recordings" in text
+
+
+def test_real_recordings(shared_rfcx):
+    tp = probe(shared_rfcx / "audio" / "f97ababc1.flac")
+    assert (tp.sample_rate, tp.frames, tp.channels) == (48000, 60 * 48000, 1)
+    low = probe(shared_rfcx / "audio" / "0a6a36fb6.flac")
+    assert low.sample_rate == 16000 and low.duration == pytest.approx(60.0)
+    assert read_window(low, 10.0, 10.0, 48000).shape == (480000,)

@@ -1,0 +1,98 @@
+"""Batches: shapes, every validation sample exactly once, seeded training draws, window labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import make_data_dir
+from rfcx_mlops import config, dataset
+from rfcx_mlops.generator import SpectrogramBatches, make_samples, window_start
+
+TINY = {"features.n_mels": 32, "features.frames": 64, "features.n_fft": 512, "features.hop_length": 256,
+        "data.crop_seconds": 2.0, "train.batch_size": 4, "augment.max_shift_seconds": 0.5}
+
+
+@pytest.fixture
+def data(tmp_path):
+    rows = [(f"rec{i}", i % 5, 1, 1.0 + i % 4, 500.0, 2.0 + i % 4, 4000.0) for i in range(10)]
+    rows.append(("rec0", 9, 1, 2.2, 500.0, 3.2, 4000.0))  # a second species inside rec0's window
+    return dataset.load(make_data_dir(tmp_path, rows, seconds=8.0), 24, 48000)
+
+
+def batches(data, training, **overrides):
+    cfg = config.load(None, {**TINY, **overrides})
+    samples = make_samples(data.tp, data.recordings, cfg.data.crop_seconds, cfg.data.n_classes)
+    return SpectrogramBatches(samples, data.recordings, cfg, training=training)
+
+
+def test_window_start_is_centred_and_clipped():
+    assert window_start(20.0, 22.0, 10.0, 60.0) == 16.0
+    assert window_start(1.0, 2.0, 10.0, 60.0) == 0.0
+    assert window_start(58.0, 59.5, 10.0, 60.0) == 50.0
+
+
+def test_window_labels_include_overlapping_calls(data):
+    samples = make_samples(data.tp, data.recordings, 2.0, 24)
+    # rec0: species 0 calls at 1.0-2.0 s (window 0.5-2.5 s), species 9 at 2.2-3.2 s (window 1.7-3.7 s)
+    assert list(np.flatnonzero(samples.labels[0])) == [0, 9]
+    assert list(np.flatnonzero(samples.labels[10])) == [0, 9]
+    assert list(np.flatnonzero(samples.labels[1])) == [1]
+    narrow = make_samples(data.tp, data.recordings, 0.5, 24)  # 0.5 s windows no longer overlap
+    assert list(np.flatnonzero(narrow.labels[0])) == [0]
+
+
+def test_validation_yields_every_sample_once_in_order(data):
+    val = batches(data, training=False)
+    assert len(val) == 3  # 11 samples in batches of 4: the last one partial
+    shapes = [val[i][0].shape for i in range(len(val))]
+    assert shapes == [(4, 32, 64, 1), (4, 32, 64, 1), (3, 32, 64, 1)]
+    labels = np.concatenate([val[i][1] for i in range(len(val))])
+    np.testing.assert_array_equal(labels, val.samples.labels)
+    x, y = val[0]
+    assert x.dtype == np.float32 and y.dtype == np.float32 and 0 <= x.min() and x.max() <= 1
+    np.testing.assert_array_equal(val[1][0], val[1][0])
+    with pytest.raises(IndexError):
+        val[3]
+
+
+def test_training_is_seeded_shuffled_and_augmented(data):
+    a, b = batches(data, training=True), batches(data, training=True)
+    xa, ya = a[0]
+    xb, yb = b[0]
+    np.testing.assert_array_equal(xa, xb)
+    np.testing.assert_array_equal(ya, yb)
+    plain = batches(data, training=True, **{"augment.enabled": False})
+    assert not np.allclose(plain[0][0], xa)  # same order, but augmented
+    other_seed = batches(data, training=True, seed=28)
+    assert not np.array_equal(other_seed.order, a.order)
+    first_order = a.order.copy()
+    a.on_epoch_end()
+    assert sorted(a.order) == sorted(first_order) and not np.array_equal(a.order, first_order)
+    b.set_epoch(1)
+    np.testing.assert_array_equal(a[0][0], b[0][0])  # a resumed run draws what the first run would have
+
+
+def test_draws_do_not_depend_on_batch_order(data):
+    a = batches(data, training=True)
+    img, params = a.sample(3, epoch=0)
+    for i in range(len(a)):
+        a[i]
+    again, params_again = a.sample(3, epoch=0)
+    np.testing.assert_array_equal(img, again)
+    assert params == params_again and params  # the draws are reported
+
+
+def test_steps_per_epoch_repeats_passes(data):
+    tr = batches(data, training=True, **{"train.steps_per_epoch": 7})
+    assert len(tr) == 7 and len(tr.order) >= 28
+    x, y = tr[6]
+    assert x.shape[0] == 4
+
+
+def test_empty_samples_refused(data):
+    cfg = config.load(None, TINY)
+    empty = make_samples(data.tp.iloc[:0], data.recordings, 2.0, 24)
+    with pytest.raises(ValueError, match="no samples"):
+        SpectrogramBatches(empty, data.recordings, cfg, training=False)

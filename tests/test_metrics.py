@@ -1,0 +1,64 @@
+"""LWLRAP: the numpy value against scikit-learn, and the streaming Keras metric against the numpy value."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import label_ranking_average_precision_score
+
+from rfcx_mlops.metrics import StreamingLWLRAP, lwlrap
+
+
+def random_multilabel(rng, n=97, c=24):
+    y = (rng.random((n, c)) < 0.08).astype(np.float32)
+    y[rng.random(n) < 0.1] = 0  # some rows without a label
+    scores = rng.random((n, c)).astype(np.float32)  # continuous: no ties
+    return y, scores
+
+
+def reference(y, s):
+    """The definition: mean over every (row, true label) of (true labels ranked at or above it) / rank."""
+    precisions = []
+    for row, score in zip(y > 0, s):
+        for c in np.flatnonzero(row):
+            above = score >= score[c]
+            precisions.append((above & row).sum() / above.sum())
+    return float(np.mean(precisions))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_numpy_lwlrap_matches_sklearn_and_the_definition(seed):
+    y, s = random_multilabel(np.random.default_rng(seed))
+    keep = y.sum(1) > 0
+    expected = label_ranking_average_precision_score(y[keep], s[keep], sample_weight=y[keep].sum(1))
+    assert lwlrap(y, s) == pytest.approx(expected, abs=1e-12)
+    assert lwlrap(y, s) == pytest.approx(reference(y, s), abs=1e-12)
+
+
+def test_lwlrap_is_not_plain_lrap_and_perfect_is_one():
+    rng = np.random.default_rng(0)
+    y, s = random_multilabel(rng)
+    keep = y.sum(1) > 0
+    assert lwlrap(y, s) != pytest.approx(label_ranking_average_precision_score(y[keep], s[keep]), abs=1e-4)
+    assert lwlrap(y, y + 0.01 * s) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        lwlrap(np.zeros((3, 4)), np.ones((3, 4)))
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 16, 32, 97])
+def test_streaming_metric_equals_numpy_over_an_epoch(batch_size):
+    y, s = random_multilabel(np.random.default_rng(batch_size))
+    metric = StreamingLWLRAP(num_classes=24)
+    for start in range(0, len(y), batch_size):  # 97 rows: the last batch is uneven
+        metric.update_state(y[start : start + batch_size], s[start : start + batch_size])
+    assert float(metric.result()) == pytest.approx(lwlrap(y, s), abs=1e-5)
+    metric.reset_state()
+    metric.update_state(y[:10], s[:10])
+    assert float(metric.result()) == pytest.approx(lwlrap(y[:10], s[:10]), abs=1e-5)
+
+
+def test_mean_of_batch_values_would_differ():
+    y, s = random_multilabel(np.random.default_rng(11))
+    batch_means = np.mean([lwlrap(y[i : i + 8], s[i : i + 8]) for i in range(0, len(y), 8)
+                           if y[i : i + 8].any()])
+    assert abs(batch_means - lwlrap(y, s)) > 1e-4
