@@ -4,21 +4,29 @@
     python benchmarks/demo_difficulty.py --data-dir data/demo/n240-seed0
 
 Samples are the training pipeline's: one 10 s window centred on each train_tp row (clipped to the
-recording); its labels are the species whose TP boxes overlap the window in time. Scores:
+recording); its labels are the species whose TP boxes overlap the window in time. Every rule
+works on the log-mel power minus each mel bin's median over the clip (its steady background):
 
 - chance: uniform random scores (mean over several seeds)
-- band mean: per species, the mean log-mel power inside its frequency box(es) minus that band's
-  median over the window (its background), averaged over the window; best of the species' boxes
-- band peak: the same band excess, smoothed over 0.5 s, at its highest moment in the window
-- on whole test recordings (60 s) against test_labels.csv: the same two rules
+- band mean: per species, that excess averaged over its frequency box and the whole window
+  (best of the species' boxes)
+- band peak: the box's excess smoothed over 0.5 s, at its highest moment
+- band contrast: like band peak, minus the excess just above and below the box (favours the box
+  that fits the sound's extent)
+- band profile + logreg: a logistic regression on the per-bin peak and mean excess (what any
+  frequency-only model could learn), scored out of fold (5 folds grouped by recording)
+- test: the rules on whole test recordings (60 s) against test_labels.csv
 
-A model that only knows where each species sits in frequency scores about as well as these rules;
-the calls differ by pattern, which a CNN can learn, so a trained model should end well above them.
+All of these know only where sound energy sits in frequency; the species differ by call pattern.
+For reference (default set, seed 27): a small 4-block CNN trained from scratch on 5 s log-mel crops
+(64 mels, random time shifts) of 4/5 of the recordings reached LWLRAP 0.93-0.97 on the held-out
+windows after 6-14 epochs, against 0.31-0.47 for the rules and 0.64 for the band profile.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -33,8 +41,10 @@ from sklearn.model_selection import GroupKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from rfcx_mlops import synth
-from rfcx_mlops.metrics import lwlrap
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # rfcx_mlops.metrics loads Keras: keep its start-up chatter short
+
+from rfcx_mlops import synth  # noqa: E402
+from rfcx_mlops.metrics import lwlrap  # noqa: E402
 
 WINDOW_S = 10.0
 N_MELS, N_FFT, HOP, FMIN, FMAX = 128, 2048, 512, 84.0, 15056.0
@@ -46,7 +56,7 @@ def _log_mel(y: np.ndarray, sr: int) -> np.ndarray:
     return np.log(mel + 1e-10)
 
 
-def _species_bins(sr: int) -> list[list[np.ndarray]]:
+def _species_bins() -> list[list[np.ndarray]]:
     """Per species, per box: the mel bins whose centre frequency lies inside the box."""
     centres = librosa.mel_frequencies(n_mels=N_MELS + 2, fmin=FMIN, fmax=FMAX)[1:-1]
     out = []
@@ -121,7 +131,7 @@ def learned_profile(features: np.ndarray, species: np.ndarray, groups: list[str]
 def evaluate(data_dir: Path, chance_seeds: int = 10) -> dict[str, float]:
     """LWLRAP of chance, the band rules and a learned band profile on windows and on test recordings."""
     sr = synth.SAMPLE_RATE
-    bins = _species_bins(sr)
+    bins = _species_bins()
     windows, y_win, species = window_samples(data_dir)
     rules: dict[str, list[np.ndarray]] = {}
     profiles = []
@@ -137,7 +147,7 @@ def evaluate(data_dir: Path, chance_seeds: int = 10) -> dict[str, float]:
         "chance": float(np.mean([lwlrap(y_win, rng.random(y_win.shape)) for _ in range(chance_seeds)]))
     }
     results.update({name: lwlrap(y_win, np.array(values)) for name, values in rules.items()})
-    results["band profile + logistic regression (5-fold CV)"] = lwlrap(
+    results["band profile + logreg (5-fold CV)"] = lwlrap(
         y_win, learned_profile(np.array(profiles), species, [rid for rid, _ in windows])
     )
     labels = pd.read_csv(data_dir / "test_labels.csv")
@@ -167,9 +177,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"in {time.perf_counter() - started:.1f} s")
         started = time.perf_counter()
         results = evaluate(data_dir)
-    print(f"{'LWLRAP on ' + str(data_dir):<48}")
+    print(f"LWLRAP on {data_dir}")
     for name, value in results.items():
-        print(f"  {name:<30} {value:>7.3f}" if isinstance(value, float) else f"  {name:<30} {value:>7d}")
+        print(f"  {name:<34} {value:>7.3f}" if isinstance(value, float) else f"  {name:<34} {value:>7d}")
     print(f"(scored in {time.perf_counter() - started:.1f} s)")
     return 0
 

@@ -56,8 +56,9 @@ def probe(path: str | Path) -> AudioInfo:
 
 
 def _reason(exc: Exception) -> str:
+    """libsndfile's own words, without the file name it repeats ("Error opening '...': ")."""
     text = str(exc).strip().splitlines()
-    return text[-1] if text else type(exc).__name__
+    return text[-1].rsplit("': ", 1)[-1] if text else type(exc).__name__
 
 
 def _read_frames(info: AudioInfo, start: int, stop: int) -> np.ndarray:

@@ -40,6 +40,7 @@ class FeatureConfig:
     n_mels: int = 128
     frames: int = 1876  # time axis after resizing
     top_db: float = 80.0  # dynamic range kept below each sample's loudest mel bin
+    band_median: bool = False  # subtract each mel band's median level over the window (steady background)
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     lr_schedule: str = "constant"  # constant | cosine
     warmup_epochs: int = 0
-    workers: int = 1  # input pipeline workers; 0 means one per core
+    workers: int = 0  # input pipeline threads; 0: one per core
     steps_per_epoch: int = 0  # 0: one pass over the training samples
     run_eagerly: bool = False  # skips graph tracing: only for tiny smoke runs
 

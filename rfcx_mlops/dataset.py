@@ -107,7 +107,7 @@ def _probe_all(folder: Path, ids, progress: bool) -> tuple[dict[str, AudioInfo],
     for n, rid in enumerate(ids, 1):
         path = find_audio(folder, rid)
         if path is None:
-            problems.append(f"{folder.name}/{rid}.flac: missing (no .flac or .wav)")
+            problems.append(f"{folder / rid}.flac: missing (no .flac or .wav)")
         else:
             try:
                 infos[rid] = probe(path)

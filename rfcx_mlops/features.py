@@ -12,8 +12,9 @@ class MelFeatures:
     """Waveform -> float32 (n_mels, frames) log-mel image scaled to [0, 1].
 
     Power mel spectrogram, ``power_to_db`` (the seed applied ``amplitude_to_db`` to
-    power, which halved its dynamic range), the time axis resized to ``frames`` by
-    linear interpolation, then min-max scaling per sample.
+    power, which halved its dynamic range), optionally each band's median level
+    subtracted (what stands above the steady background), the time axis resized to
+    ``frames`` by linear interpolation, then min-max scaling per sample.
     """
 
     def __init__(self, cfg: FeatureConfig, sample_rate: int):
@@ -40,6 +41,9 @@ class MelFeatures:
 
     def from_power(self, power: np.ndarray) -> np.ndarray:
         db = self.log_mel(power)
+        if self.cfg.band_median:
+            # Rain, insects and wind are steady within a window; calls are not.
+            db = np.maximum(db - np.median(db, axis=1, keepdims=True), 0.0)
         db = resize_time(np.maximum(db, db.max() - self.cfg.top_db), self.cfg.frames)
         span = db.max() - db.min()
         return (db - db.min()) / span if span > 0 else np.zeros_like(db)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import csv
 import json
 import math
@@ -36,7 +37,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -107,7 +108,10 @@ SPECIES_FACTS: tuple[SpeciesFacts, ...] = (
     SpeciesFacts(16, 50, (Box(4, 3093.75, 4593.75, 50),), 1.8346, 1.8347, 1.8347),
     SpeciesFacts(
         17, 68,
-        (Box(1, 1312.5, 3937.5, 40), Box(4, 1312.5, 7406.25, 4), Box(4, 1406.25, 3937.5, 19), Box(4, 1464.26, 4565.04, 5)),
+        (
+            Box(1, 1312.5, 3937.5, 40), Box(4, 1312.5, 7406.25, 4),
+            Box(4, 1406.25, 3937.5, 19), Box(4, 1464.26, 4565.04, 5),
+        ),
         2.5333, 6.4533, 6.4534,
     ),
     SpeciesFacts(18, 50, (Box(1, 3187.5, 5062.5, 50),), 0.6933, 0.6933, 0.6934),
@@ -180,7 +184,12 @@ SPECIES_PATTERNS: tuple[Pattern, ...] = (
 
 @dataclass(frozen=True)
 class Difficulty:
-    """Knobs of the generator (levels in dB of band power over the background in the same band)."""
+    """Knobs of the generator (levels in dB of band power over the background in the same band).
+
+    With the defaults, a small CNN on 5 s log-mel crops learns the 240-recording set to LWLRAP
+    about 0.9 on held-out windows, while band-energy rules score 0.3-0.5 and a logistic regression
+    on the band profile about 0.64 (chance 0.155); see benchmarks/demo_difficulty.py.
+    """
 
     call_snr_db: tuple[float, float] = (3.0, 15.0)
     distractor_snr_db: tuple[float, float] = (0.0, 12.0)
@@ -194,7 +203,6 @@ class Difficulty:
     rate_jitter: float = 0.07  # relative change of element and trill rates
 
 
-DIFFICULTY = Difficulty()
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,9 +256,8 @@ def _tone(freq: np.ndarray, harmonics: bool, f_max: float) -> np.ndarray:
     return out
 
 
-def _species_call(pattern: Pattern, box: Box, n: int, rng: np.random.Generator) -> np.ndarray:
+def _species_call(pattern: Pattern, box: Box, n: int, rng: np.random.Generator, d: Difficulty) -> np.ndarray:
     """One call of a species with the given pattern inside `box`, n samples, unit RMS."""
-    d = DIFFICULTY
     shift = rng.uniform(-d.frequency_jitter, d.frequency_jitter)
     lo = float(np.clip(pattern.lo + shift, 0.0, 1.0))
     hi = float(np.clip(pattern.hi + shift, 0.0, 1.0))
@@ -385,6 +392,7 @@ class _Job:
     species: tuple[int, ...]
     seed: np.random.SeedSequence
     path: Path
+    difficulty: Difficulty
 
 
 def _duration(rng: np.random.Generator, facts: SpeciesFacts) -> float:
@@ -459,7 +467,7 @@ class _Scene:
 
 def _make_recording(job: _Job) -> tuple[list[tuple], list[tuple]]:
     """Synthesise one recording, write its FLAC and return its (tp rows, fp rows)."""
-    d = DIFFICULTY
+    d = job.difficulty
     rng = np.random.default_rng(job.seed)
     scene = _Scene(rng)
     tp: list[tuple] = []
@@ -475,7 +483,7 @@ def _make_recording(job: _Job) -> tuple[list[tuple], list[tuple]]:
         for call in range(2 if rng.random() < d.second_call_p else 1):
             box = _pick_box(rng, facts)
             placed = scene.add(
-                lambda n, box=box: _species_call(pattern, box, n, rng), _duration(rng, facts), box.f_min, box.f_max,
+                lambda n, box=box: _species_call(pattern, box, n, rng, d), _duration(rng, facts), box.f_min, box.f_max,
                 rng.uniform(*d.call_snr_db), labelled=True, required=call == 0,
             )
             if placed:
@@ -536,9 +544,11 @@ def _with_extra(rng: np.random.Generator, primary: int, total: int) -> tuple[int
     return tuple(sorted([primary, *map(int, others)]))
 
 
-def plan(recordings: int, test_recordings: int, seed: int) -> list[tuple[str, str, tuple[int, ...]]]:
+def plan(
+    recordings: int, test_recordings: int, seed: int, difficulty: Difficulty = Difficulty()
+) -> list[tuple[str, str, tuple[int, ...]]]:
     """(split, recording_id, species) for every recording, train first; cheap and deterministic."""
-    d = DIFFICULTY
+    d = difficulty
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0,)))
     ids = _recording_ids(rng, recordings + test_recordings)
     out: list[tuple[str, str, tuple[int, ...]]] = []
@@ -546,7 +556,7 @@ def plan(recordings: int, test_recordings: int, seed: int) -> list[tuple[str, st
     n_multi = int(round(d.multi_species_train * recordings))
     multi = set(rng.choice(recordings, size=n_multi, replace=False).tolist())
     for i in range(recordings):
-        total = (3 if rng.random() < 0.1 else 2) if i in multi else 1
+        total = (3 if rng.random() < 0.1 else 2) if i in multi else 1  # real data: 25 with 2, 2 with 3
         out.append(("train", ids[i], _with_extra(rng, int(train_primary[i]), total)))
     test_primary = _balanced(rng, test_recordings)
     for j in range(test_recordings):
@@ -581,8 +591,11 @@ def _prepare(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _write_marker(out: Path, recordings: int, test_recordings: int, seed: int, complete: bool) -> None:
+def _write_marker(
+    out: Path, recordings: int, test_recordings: int, seed: int, difficulty: Difficulty, complete: bool
+) -> None:
     info = {
+        "difficulty": asdict(difficulty),
         "generator": "rfcx_mlops.synth",
         "version": GENERATOR_VERSION,
         "recordings": recordings,
@@ -601,13 +614,15 @@ def build(
     *,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    difficulty: Difficulty = Difficulty(),
 ) -> Path:
     """Write a demo RFCX data set into out_dir and return its path.
 
     recordings: train recordings; test_recordings: test recordings (default recordings // 5, at
     least 1); seed: everything follows from it (same seed and sizes -> identical files);
     workers: processes (default: CPU count; 1 = in this process); progress(done, total) is called
-    after each recording. Refuses (FileExistsError) a non-empty folder that is not a demo build.
+    after each recording; difficulty: the generator's knobs. Refuses (FileExistsError) a non-empty
+    folder that is not a demo build; a previous demo build there is replaced.
     """
     if isinstance(recordings, bool) or not isinstance(recordings, int) or recordings < 1:
         raise ValueError(f"recordings must be an integer >= 1, got {recordings!r}")
@@ -619,46 +634,48 @@ def build(
         raise ValueError(f"workers must be >= 1, got {workers!r}")
     out = Path(out_dir)
     _prepare(out)
-    _write_marker(out, recordings, test_recordings, seed, complete=False)
+    _write_marker(out, recordings, test_recordings, seed, difficulty, complete=False)
     for name in OUTPUT_DIRS:
         (out / name).mkdir()
 
-    layout = plan(recordings, test_recordings, seed)
+    layout = plan(recordings, test_recordings, seed, difficulty)
     train_seeds = np.random.SeedSequence(seed, spawn_key=(1,)).spawn(recordings)
     test_seeds = np.random.SeedSequence(seed, spawn_key=(2,)).spawn(test_recordings)
     seeds = train_seeds + test_seeds
     jobs = [
-        _Job(split, rid, species, seeds[i], out / split / f"{rid}.flac")
+        _Job(split, rid, species, seeds[i], out / split / f"{rid}.flac", difficulty)
         for i, (split, rid, species) in enumerate(layout)
     ]
     workers = min(workers or os.cpu_count() or 1, len(jobs))
-    if workers == 1:
+    with contextlib.ExitStack() as stack:
+        if workers == 1:
+            made = map(_make_recording, jobs)
+        else:  # forkserver: safe even when the caller has loaded TensorFlow (fork is not)
+            methods = multiprocessing.get_all_start_methods()
+            ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+            pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx))
+            made = pool.map(_make_recording, jobs, chunksize=2)
         results = []
-        for i, job in enumerate(jobs):
-            results.append(_make_recording(job))
+        for result in made:
+            results.append(result)
             if progress:
-                progress(i + 1, len(jobs))
-    else:
-        ctx = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
-        with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            results = []
-            for i, result in enumerate(pool.map(_make_recording, jobs, chunksize=2)):
-                results.append(result)
-                if progress:
-                    progress(i + 1, len(jobs))
+                progress(len(results), len(jobs))
 
-    tp_rows = sorted((r for (tp, _), job in zip(results, jobs) if job.split == "train" for r in tp), key=lambda r: (r[0], r[3], r[1]))
-    fp_rows = sorted((r for (_, fp), job in zip(results, jobs) if job.split == "train" for r in fp), key=lambda r: (r[0], r[3], r[1]))
-    _write_csv(out / "train_tp.csv", COLUMNS, [_format_box(r) for r in tp_rows])
-    _write_csv(out / "train_fp.csv", COLUMNS, [_format_box(r) for r in fp_rows])
-    test_jobs = sorted((job for job in jobs if job.split == "test"), key=lambda j: j.recording_id)
+    def boxes(split: str, which: int) -> list[list[str]]:
+        rows = [r for job, result in zip(jobs, results) if job.split == split for r in result[which]]
+        return [_format_box(r) for r in sorted(rows, key=lambda r: (r[0], r[3], r[1]))]
+
+    _write_csv(out / "train_tp.csv", COLUMNS, boxes("train", 0))
+    _write_csv(out / "train_fp.csv", COLUMNS, boxes("train", 1))
+    present = {job.recording_id: {r[1] for r in result[0]} for job, result in zip(jobs, results) if job.split == "test"}
+    test_ids = sorted(present)
     _write_csv(
         out / "test_labels.csv",
         LABEL_COLUMNS,
-        [[j.recording_id, *("1" if k in j.species else "0" for k in range(N_SPECIES))] for j in test_jobs],
+        [[rid, *("1" if k in present[rid] else "0" for k in range(N_SPECIES))] for rid in test_ids],
     )
-    _write_csv(out / "sample_submission.csv", LABEL_COLUMNS, [[j.recording_id, *["0.5"] * N_SPECIES] for j in test_jobs])
-    _write_marker(out, recordings, test_recordings, seed, complete=True)
+    _write_csv(out / "sample_submission.csv", LABEL_COLUMNS, [[rid, *["0.5"] * N_SPECIES] for rid in test_ids])
+    _write_marker(out, recordings, test_recordings, seed, difficulty, complete=True)
     return out
 
 
@@ -685,10 +702,10 @@ def _count(text: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _Parser(prog="python -m rfcx_mlops.synth", description="Build the deterministic RFCX-format demo data set.")
+    parser = _Parser(prog="python -m rfcx_mlops.synth", description="Build the deterministic RFCX-format demo set.")
     parser.add_argument("out_dir", type=Path, help="output folder (new, empty, or a previous demo build)")
     parser.add_argument("--recordings", type=_count, default=240, help="train recordings (default 240)")
-    parser.add_argument("--test-recordings", type=_count, default=None, help="test recordings (default recordings // 5)")
+    parser.add_argument("--test-recordings", type=_count, help="test recordings (default recordings // 5)")
     parser.add_argument("--seed", type=int, default=27, help="random seed (default 27)")
     parser.add_argument("--workers", type=_count, default=None, help="processes (default: CPU count)")
     args = parser.parse_args(argv)
@@ -699,7 +716,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     started = time.perf_counter()
     try:
-        out = build(args.out_dir, args.recordings, args.test_recordings, args.seed, workers=args.workers, progress=report)
+        out = build(
+            args.out_dir, args.recordings, args.test_recordings, args.seed, workers=args.workers, progress=report
+        )
     except (FileExistsError, ValueError) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2

@@ -221,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"resume continues run {args.resume} with its own config; drop "
                                   + ", ".join(sorted(overrides)))
             cfg = resumed_config(args.resume)
+            launcher = os.environ.pop("MLFLOW_RUN_ID", None)
+            if launcher and launcher != args.resume:
+                # `mlflow run` opened a run of its own for this invocation: point it at the resumed one.
+                mlflow.tracking.MlflowClient().set_tag(launcher, "resumed_run_id", args.resume)
         else:
             cfg = load(args.config, overrides)
             tracking.use_default_experiment()

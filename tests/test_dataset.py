@@ -65,7 +65,7 @@ def test_missing_audio_file(tmp_path, good_rows):
     folder = make_data_dir(tmp_path, good_rows)
     (folder / "train" / "rec1.flac").unlink()
     _, problems = scan(folder)
-    assert problems == ["train/rec1.flac: missing (no .flac or .wav)"]
+    assert problems == [f"{folder / 'train' / 'rec1.flac'}: missing (no .flac or .wav)"]
 
 
 def _replace_audio(folder, content: bytes):
@@ -80,7 +80,7 @@ def test_empty_file(tmp_path, good_rows):
 
 def test_non_audio_bytes(tmp_path, good_rows):
     problems = _replace_audio(make_data_dir(tmp_path, good_rows), b"<html>not audio</html>" * 50)
-    assert len(problems) == 1 and "rec1.flac: not a readable audio file" in problems[0]
+    assert len(problems) == 1 and problems[0].endswith("rec1.flac: not a readable audio file (Format not recognised.)")
 
 
 def test_truncated_flac(tmp_path, good_rows):
@@ -93,9 +93,13 @@ def test_truncated_flac(tmp_path, good_rows):
 
 def test_zero_frame_file(tmp_path, good_rows):
     folder = make_data_dir(tmp_path, good_rows)
-    sf.write(folder / "train" / "rec1.flac", np.zeros(0), 48000, subtype="PCM_16")
+    (folder / "train" / "rec1.flac").unlink()
+    sf.write(folder / "train" / "rec1.wav", np.zeros(0), 48000, subtype="PCM_16")  # a header, no frames
     problems = scan(folder)[1]
-    assert len(problems) == 1 and "rec1.flac" in problems[0]
+    assert len(problems) == 1 and problems[0].endswith("rec1.wav: holds no audio frames")
+    sf.write(folder / "train" / "rec1.wav", np.zeros(0), 48000, subtype="PCM_16", format="FLAC")
+    problems = scan(folder)[1]
+    assert len(problems) == 1 and "rec1.wav" in problems[0]
 
 
 def test_wav_8bit_and_stereo_are_read_as_mono_float(tmp_path):

@@ -161,7 +161,8 @@ def test_build_rejects_bad_sizes_and_foreign_folders(tmp_path: Path) -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rfcx_mlops.synth", *args], capture_output=True, text=True, timeout=120)
+    cmd = [sys.executable, "-m", "rfcx_mlops.synth", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize("args", [["--recordings", "0"], ["--recordings", "many"], ["--test-recordings", "-1"]])

@@ -1,0 +1,44 @@
+"""Project files agree with each other: pins, MLproject parameters, README commands."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import yaml
+
+from rfcx_mlops.train import OVERRIDES, parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_conda_and_pyproject_pin_the_same_versions():
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    conda = yaml.safe_load((ROOT / "conda.yaml").read_text())
+    pip = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
+    assert sorted(deps) == sorted(p for p in pip if p != "-e .")
+    assert all(re.fullmatch(r"[a-z0-9_.-]+==[0-9][0-9a-z.]*", d, re.I) for d in deps)
+    assert "python=3.11" in conda["dependencies"]
+
+
+def test_every_mlproject_parameter_reaches_the_command():
+    spec = yaml.safe_load((ROOT / "MLproject").read_text())
+    main = spec["entry_points"]["main"]
+    params = set(main["parameters"])
+    assert {"fold", "config", "data_dir", "epochs", "batch_size", "learning_rate", "dropout", "min_snr",
+            "max_snr", "crop_seconds", "seed", "resume"} <= params
+    for name in params:
+        assert f"{{{name}}}" in main["command"], name
+    # ...and the CLI maps each to a config key or a run setting.
+    assert params == set(OVERRIDES) | {"fold", "config", "resume"}
+    args = parse_args(["--epochs", "3", "--data-dir", "x"])
+    assert (args.epochs, args.data_dir, args.fold) == ("3", "x", 1)
+
+
+def test_readme_commands_exist():
+    readme = (ROOT / "README.md").read_text()
+    makefile = (ROOT / "Makefile").read_text()
+    assert "make demo" in readme and "make test" in readme
+    assert re.search(r"^demo:", makefile, re.M) and re.search(r"^test:", makefile, re.M)
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
