@@ -620,9 +620,10 @@ def build(
 
     recordings: train recordings; test_recordings: test recordings (default recordings // 5, at
     least 1); seed: everything follows from it (same seed and sizes -> identical files);
-    workers: processes (default: CPU count; 1 = in this process); progress(done, total) is called
-    after each recording; difficulty: the generator's knobs. Refuses (FileExistsError) a non-empty
-    folder that is not a demo build; a previous demo build there is replaced.
+    workers: processes (default: CPU count; at most one per 4 recordings; 1 = in this process);
+    progress(done, total) is called after each recording; difficulty: the generator's knobs.
+    Refuses (FileExistsError) a non-empty folder that is not a demo build; a previous demo build
+    there is replaced.
     """
     if isinstance(recordings, bool) or not isinstance(recordings, int) or recordings < 1:
         raise ValueError(f"recordings must be an integer >= 1, got {recordings!r}")
@@ -646,7 +647,7 @@ def build(
         _Job(split, rid, species, seeds[i], out / split / f"{rid}.flac", difficulty)
         for i, (split, rid, species) in enumerate(layout)
     ]
-    workers = min(workers or os.cpu_count() or 1, len(jobs))
+    workers = min(workers or os.cpu_count() or 1, max(1, len(jobs) // 4))  # tiny sets: no process start-up
     with contextlib.ExitStack() as stack:
         if workers == 1:
             made = map(_make_recording, jobs)
