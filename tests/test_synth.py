@@ -184,3 +184,14 @@ def test_cli_refuses_a_foreign_folder_and_builds(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "1 train + 1 test recordings" in proc.stdout
     assert len(list((tmp_path / "new" / "train").glob("*.flac"))) == 1
+
+
+def test_dataset_check_passes_the_demo_and_counts_it(demo: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "rfcx_mlops.dataset", "check", str(demo)], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    tp = _read(demo / "train_tp.csv")
+    assert f"train_tp.csv: {len(tp)} calls in {tp['recording_id'].nunique()} recordings" in proc.stdout
+    assert f"train audio: {TRAIN} recordings, {TRAIN} at 48000 Hz, 60.0-60.0 s" in proc.stdout
+    assert f"test audio: {TEST} recordings, {TEST} at 48000 Hz" in proc.stdout
+    assert proc.stdout.rstrip().endswith("no problems found")
