@@ -56,9 +56,19 @@ def device() -> str:
     return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
+def config_params(cfg: Config) -> dict[str, str]:
+    """Every config value under its dotted name; top-level keys as ``run.<key>``.
+
+    ``mlflow run`` logs its own parameters first (``seed`` among them, empty when
+    the preset decides), and MLflow refuses a second value for a param, so the
+    resolved values must not share those names.
+    """
+    return {(k if "." in k else f"run.{k}"): str(v) for k, v in flatten(cfg).items()}
+
+
 def log_config(cfg: Config) -> None:
-    """Every config value as a param under its dotted name, and the resolved config as config.yaml."""
-    params = {k: str(v) for k, v in flatten(cfg).items()}
+    """Every config value as a param (``config_params``), and the resolved config as config.yaml."""
+    params = config_params(cfg)
     keys = list(params)
     for i in range(0, len(keys), 100):  # MLflow takes at most 100 params a call
         mlflow.log_params({k: params[k] for k in keys[i : i + 100]})

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from rfcx_mlops.train import OVERRIDES, parse_args
+from rfcx_mlops.train import OVERRIDES, overrides_from, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,8 +32,9 @@ def test_every_mlproject_parameter_reaches_the_command():
         assert f"{{{name}}}" in main["command"], name
     # ...and the CLI maps each to a config key or a run setting.
     assert params == set(OVERRIDES) | {"fold", "config", "resume"}
-    args = parse_args(["--epochs", "3", "--data-dir", "x"])
-    assert (args.epochs, args.data_dir, args.fold) == ("3", "x", 1)
+    args = parse_args(["--epochs", "3", "--data-dir", "x", "--seed", "5", "--learning-rate", ""])
+    assert (args.fold, args.resume) == (1, "")
+    assert overrides_from(args) == {"train.epochs": "3", "data.data_dir": "x", "seed": "5"}
 
 
 def test_readme_commands_exist():
