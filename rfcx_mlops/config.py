@@ -139,6 +139,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"model.dropout must be within [0, 1); got {cfg.model.dropout}")
     if not 0.0 < cfg.model.bn_momentum < 1.0:
         raise ConfigError(f"model.bn_momentum must be within (0, 1); got {cfg.model.bn_momentum}")
+    for key in ("features.n_mels", "features.frames"):
+        if flat[key] < 32:
+            raise ConfigError(f"{key} must be >= 32 (ResNet50 downsamples by 32); got {flat[key]}")
+    if cfg.train.warmup_epochs and cfg.train.lr_schedule == "constant":
+        raise ConfigError("train.warmup_epochs needs train.lr_schedule: cosine")
     if cfg.folds.n_splits < 2:
         raise ConfigError(f"folds.n_splits must be >= 2; got {cfg.folds.n_splits}")
     if not 0 <= cfg.features.fmin < cfg.features.fmax <= cfg.data.sample_rate / 2:

@@ -25,10 +25,6 @@ class MelFeatures:
         )
         self.window = librosa.filters.get_window("hann", cfg.n_fft, fftbins=True).astype(np.float32)
 
-    def native_frames(self, n_samples: int) -> int:
-        """STFT frames of a waveform of ``n_samples`` (centred frames, as librosa)."""
-        return 1 + n_samples // self.cfg.hop_length
-
     def power(self, y: np.ndarray) -> np.ndarray:
         """Power spectrogram (1 + n_fft/2, native frames), float32."""
         stft = librosa.stft(y, n_fft=self.cfg.n_fft, hop_length=self.cfg.hop_length, window=self.window,

@@ -97,22 +97,29 @@ class SpectrogramBatches(keras.utils.PyDataset):
         info = self.recordings[self.samples.recording_ids[i]]
         return read_window(info, self.samples.starts[i], self.cfg.data.crop_seconds, self.sample_rate)
 
-    def sample(self, i: int, epoch: int) -> tuple[np.ndarray, dict]:
-        """Sample ``i`` as drawn in ``epoch``: its image and the augmentation parameters drawn for it."""
+    @property
+    def samples_per_epoch(self) -> int:
+        return min(len(self) * self.batch_size, len(self.order))
+
+    def sample(self, i: int, epoch: int, repeat: int = 0) -> tuple[np.ndarray, dict]:
+        """Sample ``i`` as drawn in ``epoch`` (its ``repeat``-th time there): its image and the drawn parameters."""
         if not self.training:
             # Validation images never change: compute each once.
             if i not in self._cache:
                 self._cache[i] = self.features(self.waveform(i))
             return self._cache[i], {}
-        rng = np.random.default_rng([self.cfg.seed, epoch, i])
+        rng = np.random.default_rng([self.cfg.seed, epoch, i, repeat])
         y, params = self.transform(self.waveform(i), rng)
         return self.features(y), params
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         if not 0 <= index < len(self):
             raise IndexError(f"batch {index} out of range (0..{len(self) - 1})")
-        idx = self.order[index * self.batch_size : (index + 1) * self.batch_size]
-        images = np.stack([self.sample(int(i), self.epoch)[0] for i in idx])[..., None]
+        start = index * self.batch_size
+        idx = self.order[start : start + self.batch_size]
+        n = len(self.samples)  # the order holds whole passes: position // n is the pass
+        images = np.stack([self.sample(int(i), self.epoch, (start + k) // n)[0] for k, i in enumerate(idx)])
+        images = images[..., None]
         return images, self.samples.labels[idx]
 
     def set_epoch(self, epoch: int) -> None:

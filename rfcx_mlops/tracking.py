@@ -6,21 +6,17 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import keras
-import matplotlib
+import mlflow
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure  # drawn without pyplot: no global backend or figure state
 
-matplotlib.use("Agg")  # files only: runs have no display
-import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from rfcx_mlops.config import Config, flatten, to_yaml  # noqa: E402
+from rfcx_mlops.config import Config, flatten, to_yaml
 
 DEFAULT_EXPERIMENT = "rfcx"
 CHECKPOINT_DIR = "checkpoints"
@@ -75,68 +71,68 @@ def log_config(cfg: Config) -> None:
     mlflow.log_text(to_yaml(cfg), "config.yaml")
 
 
-def log_file(path: str | Path, artifact_path: str | None = None) -> None:
-    mlflow.log_artifact(str(path), artifact_path)
+def _save(model: keras.Model, folder: Path, name: str, source: Path | None = None) -> Path:
+    """Write ``name``.keras under a temporary name, rename it into place, then log it.
 
-
-def save_checkpoints(model: keras.Model, folder: Path, best: bool) -> None:
-    """Write last.keras (and best.keras, a copy of it, when ``best``) atomically, then log them.
-
-    Each file is written under a temporary name and renamed into place, so an
-    interrupted save never leaves a half-written checkpoint behind.
+    The checkpoint in the artifact store is replaced only by a complete file.
     """
-    last, tmp = folder / "last.keras", folder / ".partial.keras"
-    model.save(tmp)
-    os.replace(tmp, last)
-    mlflow.log_artifact(str(last), CHECKPOINT_DIR)
-    if best:
-        shutil.copyfile(last, tmp)
-        os.replace(tmp, folder / "best.keras")
-        mlflow.log_artifact(str(folder / "best.keras"), CHECKPOINT_DIR)
+    final, tmp = folder / f"{name}.keras", folder / f".{name}.partial.keras"
+    if source is None:
+        model.save(tmp)
+    else:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, final)
+    mlflow.log_artifact(str(final), CHECKPOINT_DIR)
+    return final
 
 
 class EpochLogger(keras.callbacks.Callback):
     """Per-epoch metrics with step = epoch number (from 1), and the checkpoints: last always, best on improvement."""
 
-    def __init__(self, n_train_samples: int, folder: Path, best_so_far: float = -np.inf, best_epoch: int = 0):
+    def __init__(self, n_train_samples: int, folder: Path, *, best_so_far: float = -np.inf, best_epoch: int = 0):
         super().__init__()
         self.n_train_samples = n_train_samples
         self.folder = folder
         self.best = best_so_far
         self.best_epoch = best_epoch
-        self._started = 0.0
+        self._started = self._trained = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
         self._started = time.perf_counter()
 
+    def on_train_batch_end(self, batch, logs=None):
+        self._trained = time.perf_counter()  # the last one marks the end of training, before validation
+
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
-        seconds = time.perf_counter() - self._started
+        now = time.perf_counter()
         step = epoch + 1
         val = float(logs.get("val_lwlrap", np.nan))
-        # Checkpoints first: a run interrupted now still has this epoch's weights.
-        improved = val > self.best
-        if improved:
-            self.best, self.best_epoch = val, step
-        save_checkpoints(self.model, self.folder, best=improved)
-        lr = self.model.optimizer.learning_rate
         metrics = {
             "train_loss": logs.get("loss"),
             "train_lwlrap": logs.get("lwlrap"),
             "val_loss": logs.get("val_loss"),
             "val_lwlrap": val,
-            "learning_rate": float(keras.ops.convert_to_numpy(lr)),
-            "epoch_seconds": seconds,
-            "samples_per_second": self.n_train_samples / seconds,
+            "learning_rate": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
+            "epoch_seconds": now - self._started,
+            "samples_per_second": self.n_train_samples / max(self._trained - self._started, 1e-9),
         }
+        # The last checkpoint, this epoch's metrics and the tag resume reads go out together,
+        # before the (optional) best checkpoint, so an interruption between them loses nothing.
+        last = _save(self.model, self.folder, "last")
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None}, step=step)
-        mlflow.set_tags({"checkpoint_epoch": step, "best_epoch": self.best_epoch})
+        mlflow.set_tag("checkpoint_epoch", step)
+        if val > self.best:
+            self.best, self.best_epoch = val, step
+            _save(self.model, self.folder, "best", source=last)
+            mlflow.set_tag("best_epoch", step)
 
 
 def augmentation_grid(before: list[np.ndarray], after: list[np.ndarray], titles: list[str],
-                      params: list[dict[str, Any]]) -> plt.Figure:
+                      params: list[dict[str, Any]]) -> Figure:
     """Each sample's mel image before (left) and after (right) augmentation, with labels and drawn parameters."""
-    fig, axes = plt.subplots(len(before), 2, figsize=(12, 2.4 * len(before)), squeeze=False)
+    fig = Figure(figsize=(12, 2.4 * len(before)))
+    axes = fig.subplots(len(before), 2, squeeze=False)
     for row, (b, a, title, p) in enumerate(zip(before, after, titles, params)):
         drawn = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items())
         for ax, image, label in ((axes[row, 0], b, f"{title}: original"), (axes[row, 1], a, f"augmented: {drawn}")):
@@ -153,7 +149,8 @@ def log_species_ap(ap: pd.Series, best_epoch: int) -> None:
     """Per-species average precision of the best epoch, as CSV and as a bar chart."""
     table = ap.rename("average_precision").rename_axis("species_id").reset_index()
     mlflow.log_text(table.to_csv(index=False), "species_ap.csv")
-    fig, ax = plt.subplots(figsize=(10, 3.5))
+    fig = Figure(figsize=(10, 3.5))
+    ax = fig.subplots()
     ax.bar(table["species_id"], table["average_precision"].fillna(0), color="tab:green")
     ax.set_xticks(table["species_id"])
     ax.set_ylim(0, 1)
@@ -162,18 +159,8 @@ def log_species_ap(ap: pd.Series, best_epoch: int) -> None:
     ax.set_title(f"Per-species validation average precision, best epoch ({best_epoch})")
     fig.tight_layout()
     mlflow.log_figure(fig, "species_ap.png")
-    plt.close(fig)
-
-
-def log_figure(fig: plt.Figure, name: str) -> None:
-    mlflow.log_figure(fig, name)
-    plt.close(fig)
 
 
 def download_checkpoint(run_id: str, name: str, dst: str | Path) -> Path:
     return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{CHECKPOINT_DIR}/{name}.keras",
                                                     dst_path=str(dst)))
-
-
-def scratch_dir() -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix="rfcx-run-")

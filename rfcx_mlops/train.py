@@ -10,8 +10,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,19 +49,27 @@ def resolve_data_dir(cfg: Config) -> tuple[Path, bool]:
     """The configured data folder, or the demo data set (built once, then reused). True when it is the demo."""
     if cfg.data.data_dir:
         return Path(cfg.data.data_dir), False
-    folder = Path(cfg.data.demo_dir) / f"n{cfg.data.demo_recordings}-seed{cfg.data.demo_seed}"
+    name = f"n{cfg.data.demo_recordings}-seed{cfg.data.demo_seed}-v{synth.GENERATOR_VERSION}"
+    folder = Path(cfg.data.demo_dir) / name
     if (folder / dataset.TP_FILE).is_file():
         log.info("using the cached demo data set in %s", folder)
         return folder, True
     log.info("no data_dir given: building the demo data set (%d recordings) in %s", cfg.data.demo_recordings, folder)
-    tmp = folder.with_name(folder.name + f".partial-{os.getpid()}")
-    synth.build(tmp, recordings=cfg.data.demo_recordings, seed=cfg.data.demo_seed)
-    os.replace(tmp, folder)  # a half-built demo set is never taken for a cached one
+    tmp = folder.with_name(f".{name}.partial-{os.getpid()}")
+    try:
+        synth.build(tmp, recordings=cfg.data.demo_recordings, seed=cfg.data.demo_seed)
+        os.replace(tmp, folder)  # a half-built demo set is never taken for a cached one
+    except OSError:
+        if not (folder / dataset.TP_FILE).is_file():
+            raise
+        log.info("another run built %s first; using it", folder)  # two folds started at once
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder, True
 
 
 def _check_crop(cfg: Config, data: dataset.Dataset) -> None:
-    shortest = min(info.duration for info in data.recordings.values())
+    shortest = min(data.recordings[rid].duration for rid in data.tp["recording_id"].unique())
     if cfg.data.crop_seconds > shortest:
         raise ConfigError(f"data.crop_seconds {cfg.data.crop_seconds} is longer than the shortest recording "
                           f"({shortest:.2f} s)")
@@ -72,8 +83,8 @@ def _augmentation_grid(batches: SpectrogramBatches) -> None:
               + ",".join(str(s) for s in np.flatnonzero(batches.samples.labels[i])) for i in idx]
     # Noise seeds and sample counts are exact but unreadable; the plot shows the physical values.
     shown = [{k: v for k, v in d[1].items() if k not in ("noise_seed", "shift_samples")} for d in drawn]
-    tracking.log_figure(tracking.augmentation_grid(before, [d[0] for d in drawn], titles, shown),
-                        "augmentation_samples.png")
+    mlflow.log_figure(tracking.augmentation_grid(before, [d[0] for d in drawn], titles, shown),
+                      "augmentation_samples.png")
 
 
 def _species_ap(model: keras.Model, batches: SpectrogramBatches) -> tuple[pd.Series, float]:
@@ -95,6 +106,8 @@ def train_fold(cfg: Config, fold: int, *, resume: str | None = None, parent_run_
     data = dataset.load(data_dir, cfg.data.n_classes, cfg.data.sample_rate)
     _check_crop(cfg, data)
     train_events, val_events = folds.split(data.tp, fold, cfg.folds.n_splits, cfg.seed)
+    if val_events.empty or train_events.empty:
+        raise ConfigError(f"fold {fold} of {cfg.folds.n_splits} leaves no training or no validation samples")
     sample_args = (data.recordings, cfg.data.crop_seconds, cfg.data.n_classes)
     workers = cfg.train.workers or os.cpu_count() or 1
     train_batches = SpectrogramBatches(make_samples(train_events, *sample_args), data.recordings, cfg,
@@ -107,9 +120,10 @@ def train_fold(cfg: Config, fold: int, *, resume: str | None = None, parent_run_
     run = mlflow.start_run(run_id=resume, run_name=f"{cfg.name}-fold{fold}", parent_run_id=parent_run_id,
                            nested=parent_run_id is not None)
     run_id = run.info.run_id
-    scratch = tracking.scratch_dir()
+    scratch = tempfile.TemporaryDirectory(prefix="rfcx-run-")
     folder = Path(scratch.name)
     try:
+        keras.utils.set_random_seed(cfg.seed)  # weight initialisation, dropout
         if resume:
             model = keras.models.load_model(tracking.download_checkpoint(run_id, "last", folder / "resume"))
             history = mlflow.tracking.MlflowClient().get_metric_history(run_id, "val_lwlrap")
@@ -127,12 +141,12 @@ def train_fold(cfg: Config, fold: int, *, resume: str | None = None, parent_run_
             if is_demo:
                 log.info("training on the built-in demo data set (%s); tag demo_data=True", data_dir)
             csv = folds.write_csv(data.tp, cfg.folds.n_splits, cfg.seed, folder / "folds.csv")
-            tracking.log_file(csv)
+            mlflow.log_artifact(str(csv))
             _augmentation_grid(train_batches)
-            keras.utils.set_random_seed(cfg.seed)
             model = build(cfg, len(train_batches))
             initial_epoch, best = 0, (-np.inf, 0)
-        logger = tracking.EpochLogger(len(train_batches) * cfg.train.batch_size, folder, *best)
+        logger = tracking.EpochLogger(train_batches.samples_per_epoch, folder, best_so_far=best[0],
+                                      best_epoch=best[1])
         model.run_eagerly = cfg.train.run_eagerly
         # The batches shuffle themselves from the seed; Keras' own shuffle would use Python's global RNG.
         model.fit(train_batches, validation_data=val_batches, epochs=cfg.train.epochs, initial_epoch=initial_epoch,
@@ -147,6 +161,8 @@ def train_fold(cfg: Config, fold: int, *, resume: str | None = None, parent_run_
         log.info("fold %d: best val_lwlrap %.4f at epoch %d (recomputed with scikit-learn: %.4f)", fold,
                  logger.best, logger.best_epoch, check)
     except KeyboardInterrupt:
+        # `mlflow run` follows Ctrl-C with SIGTERM: a second interrupt must not cut this short.
+        _ignore_interrupts()
         mlflow.set_tag("failure_reason", "interrupted (Ctrl-C or SIGTERM)")
         mlflow.end_run("KILLED")
         raise
@@ -207,6 +223,12 @@ def overrides_from(args: argparse.Namespace) -> dict[str, str]:
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+def _ignore_interrupts() -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,6 +75,8 @@ def test_overrides_and_round_trip(tmp_path):
         ({"features.fmax": 30000.0}, "features.fmin < features.fmax <= data.sample_rate/2"),
         ({"folds.n_splits": 1}, "folds.n_splits must be >= 2"),
         ({"augment.noise_p": 1.5}, "augment.noise_p must be within [0, 1]"),
+        ({"features.n_mels": 16}, "features.n_mels must be >= 32 (ResNet50 downsamples by 32)"),
+        ({"train.warmup_epochs": 2}, "train.warmup_epochs needs train.lr_schedule: cosine"),
     ],
 )
 def test_bad_values_name_the_key(overrides, message):

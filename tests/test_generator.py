@@ -84,11 +84,13 @@ def test_draws_do_not_depend_on_batch_order(data):
     assert params == params_again and params  # the draws are reported
 
 
-def test_steps_per_epoch_repeats_passes(data):
+def test_steps_per_epoch_repeats_passes_with_fresh_draws(data):
     tr = batches(data, training=True, **{"train.steps_per_epoch": 7})
-    assert len(tr) == 7 and len(tr.order) >= 28
-    x, y = tr[6]
-    assert x.shape[0] == 4
+    assert len(tr) == 7 and len(tr.order) >= 28 and tr.samples_per_epoch == 28
+    images = np.concatenate([tr[i][0] for i in range(len(tr))])
+    n = len(tr.samples)
+    first = int(np.flatnonzero(tr.order[n:28] == tr.order[0])[0]) + n  # sample order[0] again, second pass
+    assert not np.allclose(images[0], images[first])  # augmented anew, not a copy
 
 
 def test_empty_samples_refused(data):
