@@ -268,11 +268,28 @@ def load(path: str | Path | None = None, overrides: Mapping[str, Any] | None = N
         if not isinstance(loaded, Mapping):
             raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
         values = {"name": path.stem, **loaded}
+    for dotted in overrides or {}:
+        _check_key(dotted)
     values = _merge(values, _nest(overrides or {}))
     try:
         return from_dict(values)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
+
+
+def _check_key(dotted: str) -> None:
+    """An override names an existing key: its error must not be blamed on the preset file."""
+    node: Any = Config()
+    parts = dotted.split(".")
+    for depth, part in enumerate(parts):
+        section = ".".join(parts[:depth])
+        if not dataclasses.is_dataclass(node):
+            raise ConfigError(f"unknown config key {dotted} ({section} is a value, not a section)")
+        names = sorted(f.name for f in fields(node))
+        if part not in names:
+            where = f" in {section}" if section else ""
+            raise ConfigError(f"unknown config key {dotted} (known{where}: {', '.join(names)})")
+        node = getattr(node, part)
 
 
 def from_dict(values: Mapping[str, Any]) -> Config:

@@ -86,6 +86,14 @@ def test_bad_values_name_the_key(overrides, message):
     assert "\n" not in str(err.value)
 
 
+def test_unknown_override_is_not_blamed_on_the_preset():
+    with pytest.raises(ConfigError) as err:
+        config.load(ROOT / "experiments" / "seed.yaml", {"train.epoch": 3})
+    assert str(err.value).startswith("unknown config key train.epoch (known in train: batch_size, epochs,")
+    with pytest.raises(ConfigError, match=r"unknown config key seed.x \(seed is a value, not a section\)"):
+        config.load(None, {"seed.x": 1})
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         config.load(tmp_path / "missing.yaml")
