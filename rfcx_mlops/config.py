@@ -259,12 +259,7 @@ def load(path: str | Path | None = None, overrides: Mapping[str, Any] | None = N
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        loaded = read_yaml(path, "config file")
         if not isinstance(loaded, Mapping):
             raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
         values = {"name": path.stem, **loaded}
@@ -275,6 +270,27 @@ def load(path: str | Path | None = None, overrides: Mapping[str, Any] | None = N
         return from_dict(values)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """A YAML file's content ({} when empty); a missing file or bad YAML is a ``ConfigError``."""
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+
+
+def parse_sets(items: list[str]) -> dict[str, str]:
+    """``["train.epochs=3", ...]`` (the CLIs' ``--set``) as overrides for ``load``."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE; got {item!r}")
+        overrides[key.strip()] = value.strip()
+    return overrides
 
 
 def _check_key(dotted: str) -> None:

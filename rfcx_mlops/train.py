@@ -27,7 +27,7 @@ from sklearn.metrics import average_precision_score
 
 from rfcx_mlops import dataset, folds, synth, tracking
 from rfcx_mlops.audio import AudioError
-from rfcx_mlops.config import Config, ConfigError, from_dict, load
+from rfcx_mlops.config import Config, ConfigError, from_dict, load, parse_sets
 from rfcx_mlops.generator import SpectrogramBatches, make_samples
 from rfcx_mlops.metrics import lwlrap
 from rfcx_mlops.model import build
@@ -213,16 +213,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def overrides_from(args: argparse.Namespace) -> dict[str, str]:
     overrides = {key: getattr(args, name) for name, key in OVERRIDES.items() if getattr(args, name) != ""}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects KEY=VALUE; got {item!r}")
-        overrides[key.strip()] = value.strip()
-    return overrides
+    return {**overrides, **parse_sets(args.set)}
 
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+def interrupt_on_sigterm() -> None:
+    """`mlflow run` stops its child with SIGTERM: handle it as Ctrl-C, so runs end KILLED."""
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 def _ignore_interrupts() -> None:
@@ -234,8 +234,7 @@ def _ignore_interrupts() -> None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    # `mlflow run` stops its child with SIGTERM: end the run as KILLED, as for Ctrl-C.
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupt_on_sigterm()
     try:
         overrides = overrides_from(args)
         if args.resume:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
+
+from rfcx_mlops import synth
 
 SHARED_RFCX = Path(__file__).resolve().parents[2] / "shared" / "rfcx"
 COLUMNS = ["recording_id", "species_id", "songtype_id", "t_min", "f_min", "t_max", "f_max"]
@@ -45,3 +48,22 @@ def good_rows() -> list[tuple]:
         ("rec1", 5, 1, 4.0, 3000.0, 5.0, 6000.0),
         ("rec1", 7, 1, 8.0, 800.0, 9.0, 1500.0),
     ]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """48 demo recordings: what tests/tiny.yaml trains on."""
+    return synth.build(tmp_path_factory.mktemp("demo") / "tiny", recordings=48, seed=0)
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch) -> str:
+    """A fresh MLflow store in tmp_path (also the working folder), experiment ``tests``."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # checkpoints' artifact store and any stray output stay in tmp_path
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("tests")
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()

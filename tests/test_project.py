@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from rfcx_mlops import tune as tune_cli
 from rfcx_mlops.train import OVERRIDES, overrides_from, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +36,15 @@ def test_every_mlproject_parameter_reaches_the_command():
     args = parse_args(["--epochs", "3", "--data-dir", "x", "--seed", "5", "--learning-rate", ""])
     assert (args.fold, args.resume) == (1, "")
     assert overrides_from(args) == {"train.epochs": "3", "data.data_dir": "x", "seed": "5"}
+
+
+def test_tune_entry_point_matches_the_cli():
+    tune = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["tune"]
+    assert set(tune["parameters"]) == {"config", "n_trials", "timeout", "study_name", "storage", "folds", "data_dir"}
+    for name in tune["parameters"]:
+        assert f"--{name.replace('_', '-')} {{{name}}}" in tune["command"], name
+    args = tune_cli.parse_args(["--timeout", "", "--n-trials", "5"])
+    assert args.timeout is None and args.n_trials == 5 and args.storage == tune["parameters"]["storage"]["default"]
 
 
 def test_readme_commands_exist():

@@ -14,28 +14,11 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from rfcx_mlops import config, synth
+from rfcx_mlops import config
 from rfcx_mlops.train import train_fold
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "tiny.yaml"
-
-
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> Path:
-    return synth.build(tmp_path_factory.mktemp("demo") / "tiny", recordings=48, seed=0)
-
-
-@pytest.fixture
-def tracking(tmp_path, monkeypatch) -> str:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)  # checkpoints' artifact store and any stray output stay in tmp_path
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("tests")
-    yield uri
-    while mlflow.active_run():
-        mlflow.end_run()
 
 
 def tiny_cfg(data_dir: Path, **overrides) -> config.Config:
