@@ -16,6 +16,9 @@ from typing import Any, Mapping
 import yaml
 
 
+DEFAULT_EXPERIMENT = "rfcx"  # the MLflow experiment runs log to unless told otherwise
+
+
 class ConfigError(ValueError):
     """A configuration value or key the run cannot use."""
 

@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure  # drawn without pyplot: no global backend or figure state
 
-from rfcx_mlops.config import Config, flatten, to_yaml
+from rfcx_mlops.config import DEFAULT_EXPERIMENT, Config, flatten, to_yaml
+from rfcx_mlops.metrics import lwlrap
 
-DEFAULT_EXPERIMENT = "rfcx"
 CHECKPOINT_DIR = "checkpoints"
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
@@ -145,9 +145,11 @@ def augmentation_grid(before: list[np.ndarray], after: list[np.ndarray], titles:
     return fig
 
 
-def log_species_ap(ap: pd.Series, best_epoch: int) -> None:
-    """Per-species average precision of the best epoch, as CSV and as a bar chart."""
+def log_species_ap(ap: pd.Series, title: str, folds: pd.DataFrame | None = None) -> None:
+    """Per-species average precision as CSV (with each fold's column, for a CV run) and as a bar chart."""
     table = ap.rename("average_precision").rename_axis("species_id").reset_index()
+    if folds is not None:
+        table = table.join(folds.reset_index(drop=True))
     mlflow.log_text(table.to_csv(index=False), "species_ap.csv")
     fig = Figure(figsize=(10, 3.5))
     ax = fig.subplots()
@@ -156,9 +158,23 @@ def log_species_ap(ap: pd.Series, best_epoch: int) -> None:
     ax.set_ylim(0, 1)
     ax.set_xlabel("species_id")
     ax.set_ylabel("validation AP")
-    ax.set_title(f"Per-species validation average precision, best epoch ({best_epoch})")
+    ax.set_title(title)
     fig.tight_layout()
     mlflow.log_figure(fig, "species_ap.png")
+
+
+def log_cv_summary(results: list) -> None:
+    """On a cross-validation run: mean and std of the folds' best val_lwlrap, per-species AP averaged over
+    folds, and the out-of-fold predictions (each validation window scored by its fold's best model)."""
+    best = np.array([r.best_val_lwlrap for r in results])
+    oof = pd.concat([r.predictions for r in results], ignore_index=True)
+    truth, scores = oof.filter(regex=r"^y\d+$").to_numpy(), oof.filter(regex=r"^s\d+$").to_numpy()
+    mlflow.log_metrics({"best_val_lwlrap": float(best.mean()), "best_val_lwlrap_std": float(best.std()),
+                        "oof_lwlrap": lwlrap(truth, scores),
+                        **{f"best_val_lwlrap_fold{r.fold}": r.best_val_lwlrap for r in results}})
+    per_fold = pd.DataFrame({f"fold{r.fold}": r.species_ap for r in results})
+    log_species_ap(per_fold.mean(axis=1), f"Per-species validation AP, mean over {len(results)} folds", per_fold)
+    mlflow.log_text(oof.to_csv(index=False, float_format="%.6g"), "oof_predictions.csv")
 
 
 def download_checkpoint(run_id: str, name: str, dst: str | Path) -> Path:

@@ -25,7 +25,7 @@ import pandas as pd
 import yaml
 from sklearn.metrics import average_precision_score
 
-from rfcx_mlops import dataset, folds, synth, tracking
+from rfcx_mlops import dataset, folds, predict, synth, tracking
 from rfcx_mlops.audio import AudioError
 from rfcx_mlops.config import Config, ConfigError, from_dict, load, parse_sets
 from rfcx_mlops.generator import SpectrogramBatches, make_samples
@@ -43,6 +43,8 @@ class FoldResult:
     fold: int
     best_val_lwlrap: float
     best_epoch: int
+    species_ap: pd.Series  # validation AP per species of the best epoch
+    predictions: pd.DataFrame  # the best epoch's validation windows: recording_id, start, fold, y0.., s0..
 
 
 def resolve_data_dir(cfg: Config) -> tuple[Path, bool]:
@@ -87,14 +89,21 @@ def _augmentation_grid(batches: SpectrogramBatches) -> None:
                       "augmentation_samples.png")
 
 
-def _species_ap(model: keras.Model, batches: SpectrogramBatches) -> tuple[pd.Series, float]:
+def _validation_scores(model: keras.Model, batches: SpectrogramBatches, fold: int) -> tuple[pd.Series, pd.DataFrame]:
+    """Per-species AP and the per-window predictions of ``model`` on the validation batches."""
     scores = model.predict(batches, verbose=0)
     truth = batches.samples.labels
     ap = pd.Series(
         {c: average_precision_score(truth[:, c], scores[:, c]) if truth[:, c].any() else np.nan
          for c in range(truth.shape[1])}
     )
-    return ap, lwlrap(truth, scores)
+    n = truth.shape[1]
+    table = pd.concat([
+        pd.DataFrame({"recording_id": batches.samples.recording_ids, "start": batches.samples.starts, "fold": fold}),
+        pd.DataFrame(truth.astype(int), columns=[f"y{c}" for c in range(n)]),
+        pd.DataFrame(scores, columns=[f"s{c}" for c in range(n)]),
+    ], axis=1)
+    return ap, table
 
 
 def train_fold(cfg: Config, fold: int, *, resume: str | None = None, parent_run_id: str | None = None,
@@ -136,7 +145,7 @@ def train_fold(cfg: Config, fold: int, *, resume: str | None = None, parent_run_
             mlflow.set_tags({
                 "mlflow.runName": f"{cfg.name}-fold{fold}", "fold": fold, "preset": cfg.name,
                 "git_commit": tracking.git_commit(), "dataset_fingerprint": dataset.fingerprint(data_dir),
-                "data_dir": str(data_dir), "demo_data": is_demo, "device": tracking.device(), **(tags or {}),
+                "data_dir": str(data_dir.resolve()), "demo_data": is_demo, "device": tracking.device(), **(tags or {}),
             })
             if is_demo:
                 log.info("training on the built-in demo data set (%s); tag demo_data=True", data_dir)
@@ -155,8 +164,10 @@ def train_fold(cfg: Config, fold: int, *, resume: str | None = None, parent_run_
             raise RuntimeError("no epoch produced a finite val_lwlrap")
         best_model = keras.models.load_model(folder / "best.keras") if (folder / "best.keras").exists() else \
             keras.models.load_model(tracking.download_checkpoint(run_id, "best", folder / "best"))
-        ap, check = _species_ap(best_model, val_batches)
-        tracking.log_species_ap(ap, logger.best_epoch)
+        ap, predictions = _validation_scores(best_model, val_batches, fold)
+        check = lwlrap(val_batches.samples.labels, predictions.filter(regex=r"^s\d+$").to_numpy())
+        tracking.log_species_ap(ap, f"Per-species validation average precision, best epoch ({logger.best_epoch})")
+        predict.log_servable(best_model, cfg, folder)
         mlflow.log_metrics({"best_val_lwlrap": logger.best, "best_epoch": logger.best_epoch})
         log.info("fold %d: best val_lwlrap %.4f at epoch %d (recomputed with scikit-learn: %.4f)", fold,
                  logger.best, logger.best_epoch, check)
@@ -173,7 +184,26 @@ def train_fold(cfg: Config, fold: int, *, resume: str | None = None, parent_run_
     finally:
         scratch.cleanup()
     mlflow.end_run("FINISHED")
-    return FoldResult(run_id, fold, logger.best, logger.best_epoch)
+    return FoldResult(run_id, fold, logger.best, logger.best_epoch, ap, predictions)
+
+
+def train_cv(cfg: Config, *, tags: dict[str, str] | None = None) -> tuple[str, list[FoldResult]]:
+    """Every fold as a nested run under one cross-validation run, which gets the folds' summary."""
+    data_dir, is_demo = resolve_data_dir(cfg)  # the demo data is built once, before the folds
+    with mlflow.start_run(run_name=f"{cfg.name}-cv") as parent:
+        tracking.log_config(cfg)
+        mlflow.set_tags({"mlflow.runName": f"{cfg.name}-cv", "cv": "true", "fold": "all", "preset": cfg.name,
+                         "git_commit": tracking.git_commit(), "data_dir": str(data_dir.resolve()),
+                         "demo_data": is_demo, **(tags or {})})
+        try:
+            results = [train_fold(cfg, fold, parent_run_id=parent.info.run_id)
+                       for fold in range(1, cfg.folds.n_splits + 1)]
+        except KeyboardInterrupt:
+            mlflow.set_tag("failure_reason", "interrupted (Ctrl-C or SIGTERM)")
+            mlflow.end_run("KILLED")
+            raise
+        tracking.log_cv_summary(results)
+    return parent.info.run_id, results
 
 
 def resumed_config(run_id: str) -> Config:
@@ -201,7 +231,8 @@ OVERRIDES = {
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m rfcx_mlops.train", description="Train one fold, tracked in MLflow.")
-    parser.add_argument("--fold", type=int, default=1, help="validation fold, 1..folds.n_splits (default 1)")
+    parser.add_argument("--fold", default="1",
+                        help="validation fold, 1..folds.n_splits, or all: every fold under one CV run (default 1)")
     parser.add_argument("--config", default="experiments/seed.yaml", help="preset file (default experiments/seed.yaml)")
     for name, key in OVERRIDES.items():
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default="", help=f"overrides {key}")
@@ -249,15 +280,29 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = load(args.config, overrides)
             tracking.use_default_experiment()
-        result = train_fold(cfg, args.fold, resume=args.resume or None)
+        if args.fold == "all":
+            if args.resume:
+                raise ConfigError("resume continues one fold's run: pass its run id with --fold N, not all")
+            run_id, results = train_cv(cfg)
+        else:
+            if not args.fold.isdigit():
+                raise ConfigError(f"fold must be a number or all; got {args.fold!r}")
+            result = train_fold(cfg, int(args.fold), resume=args.resume or None)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: the run is marked KILLED; its checkpoints so far are kept", file=sys.stderr)
         return 130
-    print(f"run {result.run_id}: fold {result.fold} best val_lwlrap {result.best_val_lwlrap:.4f} "
-          f"at epoch {result.best_epoch}")
+    if args.fold == "all":
+        for r in results:
+            print(f"fold {r.fold} (run {r.run_id}): best val_lwlrap {r.best_val_lwlrap:.4f} at epoch {r.best_epoch}")
+        best = [r.best_val_lwlrap for r in results]
+        print(f"cross-validation run {run_id}: best val_lwlrap {np.mean(best):.4f} +- {np.std(best):.4f} "
+              f"over {len(results)} folds")
+    else:
+        print(f"run {result.run_id}: fold {result.fold} best val_lwlrap {result.best_val_lwlrap:.4f} "
+              f"at epoch {result.best_epoch}")
     return 0
 
 

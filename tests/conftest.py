@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -9,10 +16,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
 
 from rfcx_mlops import synth
 
-SHARED_RFCX = Path(__file__).resolve().parents[2] / "shared" / "rfcx"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_RFCX = ROOT.parent / "shared" / "rfcx"
 COLUMNS = ["recording_id", "species_id", "songtype_id", "t_min", "f_min", "t_max", "f_max"]
 
 
@@ -62,8 +72,63 @@ def tracking(tmp_path, monkeypatch) -> str:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)  # checkpoints' artifact store and any stray output stay in tmp_path
+    # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID; later subprocesses must not inherit it.
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("tests")
     yield uri
     while mlflow.active_run():
         mlflow.end_run()
+
+
+@dataclass(frozen=True)
+class CVRun:
+    """A finished cross-validation run of the real `mlflow run . -P fold=all` on tests/tiny.yaml."""
+
+    home: Path  # where it ran: mlflow.db and mlartifacts/
+    tracking_uri: str
+    experiment_id: str
+    parent: Run
+    folds: list[Run]  # fold 1, fold 2
+
+
+@pytest.fixture(scope="session")
+def cv_run(tiny_data, tmp_path_factory) -> CVRun:
+    home = tmp_path_factory.mktemp("cv_run")
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
+           "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
+    cmd = ["mlflow", "run", str(ROOT), "--env-manager", "local", "--experiment-name", "cv", "-P", "fold=all",
+           "-P", f"config={ROOT / 'tests' / 'tiny.yaml'}", "-P", f"data_dir={tiny_data}", "-P", "epochs=1"]
+    proc = subprocess.run(cmd, cwd=home, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("cv").experiment_id
+    runs = client.search_runs([experiment])
+    (parent,) = [r for r in runs if r.data.tags.get("cv") == "true"]
+    folds = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
+                   key=lambda r: r.data.tags["fold"])
+    return CVRun(home, uri, experiment, parent, folds)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(cmd: list[str], url: str, cwd: Path, env: dict | None = None, seconds: float = 300) -> subprocess.Popen:
+    """Start a server process (its output to cwd/server.log) and wait until ``url`` answers."""
+    log = open(cwd / "server.log", "w")
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return proc
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"{cmd[:4]} did not answer at {url}: "
+                                   f"{(cwd / 'server.log').read_text()[-3000:]}") from None
+            time.sleep(0.5)

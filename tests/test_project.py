@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from rfcx_mlops import predict as predict_cli
 from rfcx_mlops import tune as tune_cli
 from rfcx_mlops.train import OVERRIDES, overrides_from, parse_args
 
@@ -34,7 +35,7 @@ def test_every_mlproject_parameter_reaches_the_command():
     # ...and the CLI maps each to a config key or a run setting.
     assert params == set(OVERRIDES) | {"fold", "config", "resume"}
     args = parse_args(["--epochs", "3", "--data-dir", "x", "--seed", "5", "--learning-rate", ""])
-    assert (args.fold, args.resume) == (1, "")
+    assert (args.fold, args.resume) == ("1", "")
     assert overrides_from(args) == {"train.epochs": "3", "data.data_dir": "x", "seed": "5"}
 
 
@@ -45,6 +46,14 @@ def test_tune_entry_point_matches_the_cli():
         assert f"--{name.replace('_', '-')} {{{name}}}" in tune["command"], name
     args = tune_cli.parse_args(["--timeout", "", "--n-trials", "5"])
     assert args.timeout is None and args.n_trials == 5 and args.storage == tune["parameters"]["storage"]["default"]
+
+
+def test_predict_entry_point_matches_the_cli():
+    entry = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["predict"]
+    for name in entry["parameters"]:
+        assert f"--{name.replace('_', '-')} {{{name}}}" in entry["command"], name
+    args = predict_cli.parse_args(["--run-id", "abc", "--hop", ""])
+    assert args.hop is None and args.out == entry["parameters"]["out"]["default"]
 
 
 def test_readme_commands_exist():

@@ -17,6 +17,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from conftest import free_port, start_server
 from rfcx_mlops import tune
 from rfcx_mlops.config import ConfigError
 
@@ -233,25 +234,11 @@ def pg_database() -> str:
 @pytest.fixture
 def mlflow_server(tmp_path):
     """`mlflow server` on 127.0.0.1, as the workers of a study on several machines would share it."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
-         str(tmp_path / "artifacts")], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    client = MlflowClient(uri)
-    for _ in range(120):
-        try:
-            client.search_experiments()
-            break
-        except Exception:
-            if proc.poll() is not None:
-                raise RuntimeError("mlflow server exited")
-            time.sleep(0.5)
+    proc = start_server([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                         "--artifacts-destination", str(tmp_path / "artifacts")], f"{uri}/health", tmp_path)
     yield uri
     proc.terminate()
     proc.wait(30)

@@ -1,0 +1,77 @@
+"""A plain table of an experiment's runs: ``python -m rfcx_mlops.report [--experiment rfcx]``.
+
+One row per run (folds, cross-validation runs, studies and their trials), oldest first:
+preset, fold, best val_lwlrap, best epoch, epochs trained, wall time.  The same rows
+go to a CSV for spreadsheets and scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from rfcx_mlops.config import DEFAULT_EXPERIMENT
+
+COLUMNS = ["run_id", "run_name", "status", "preset", "fold", "best_val_lwlrap", "best_epoch", "epochs",
+           "wall_time_s", "started"]
+
+
+def runs_table(experiment: str) -> pd.DataFrame:
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = ", ".join(e.name for e in client.search_experiments()) or "none"
+        raise ValueError(f"no experiment {experiment!r} in {mlflow.get_tracking_uri()} (there: {names})")
+    rows = []
+    for run in client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"], max_results=50000):
+        info, data = run.info, run.data
+        end = info.end_time or (pd.Timestamp.now(tz="UTC").value // 1_000_000 if info.status == "RUNNING" else None)
+        rows.append({
+            "run_id": info.run_id,
+            "run_name": info.run_name,
+            "status": info.status,
+            "preset": data.tags.get("preset", ""),
+            "fold": data.tags.get("fold", ""),
+            "best_val_lwlrap": data.metrics.get("best_val_lwlrap"),
+            "best_epoch": data.metrics.get("best_epoch"),
+            "epochs": data.tags.get("checkpoint_epoch", ""),
+            "wall_time_s": None if end is None else round((end - info.start_time) / 1000, 1),
+            "started": pd.Timestamp(info.start_time, unit="ms", tz="UTC").strftime("%Y-%m-%d %H:%M"),
+        })
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def render(table: pd.DataFrame) -> str:
+    """Fixed-width text, short run ids, minutes:seconds wall times."""
+    shown = table.assign(
+        run_id=table["run_id"].str[:8],
+        best_val_lwlrap=table["best_val_lwlrap"].map(lambda v: "" if pd.isna(v) else f"{v:.4f}"),
+        best_epoch=table["best_epoch"].map(lambda v: "" if pd.isna(v) else str(int(v))),
+        wall_time_s=table["wall_time_s"].map(lambda s: "" if pd.isna(s) else f"{int(s) // 60}:{int(s) % 60:02d}"),
+    ).rename(columns={"wall_time_s": "wall_time"})
+    return shown.to_string(index=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m rfcx_mlops.report", description="Print and save a table of runs.")
+    p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help=f"experiment name (default {DEFAULT_EXPERIMENT})")
+    p.add_argument("--out", default="runs.csv", help="CSV with the same rows (default runs.csv)")
+    args = p.parse_args(argv)
+    try:
+        table = runs_table(args.experiment)
+    except (ValueError, mlflow.exceptions.MlflowException) as exc:
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(render(table) if len(table) else f"experiment {args.experiment!r} has no runs")
+    table.to_csv(Path(args.out), index=False)
+    print(f"\n{len(table)} runs; written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

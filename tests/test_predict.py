@@ -1,0 +1,201 @@
+"""After training: the cross-validation run, sliding-window prediction, the servable model, the runs report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from sklearn.metrics import label_ranking_average_precision_score
+
+from conftest import free_port, start_server, write_tone
+from rfcx_mlops import predict, report
+
+
+def sklearn_lwlrap(truth: np.ndarray, scores: np.ndarray) -> float:
+    keep = truth.sum(axis=1) > 0
+    return label_ranking_average_precision_score(truth[keep], scores[keep], sample_weight=truth[keep].sum(axis=1))
+
+
+@pytest.fixture
+def cv_tracking(cv_run, monkeypatch, tmp_path) -> MlflowClient:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", cv_run.tracking_uri)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(cv_run.tracking_uri)
+    return MlflowClient()
+
+
+def test_cv_run_summarises_its_folds(cv_run):
+    client = MlflowClient(cv_run.tracking_uri)
+    parent = cv_run.parent
+    assert [r.data.tags["fold"] for r in cv_run.folds] == ["1", "2"]
+    assert {r.info.status for r in [parent, *cv_run.folds]} == {"FINISHED"}
+    best = [r.data.metrics["best_val_lwlrap"] for r in cv_run.folds]
+    m = parent.data.metrics
+    assert m["best_val_lwlrap"] == pytest.approx(np.mean(best)) and m["best_val_lwlrap_std"] == pytest.approx(np.std(best))
+    assert (m["best_val_lwlrap_fold1"], m["best_val_lwlrap_fold2"]) == pytest.approx(best)
+    assert parent.data.params["fold"] == "all" and parent.data.tags["mlflow.runName"] == "tiny-cv"
+
+    oof = pd.read_csv(client.download_artifacts(parent.info.run_id, "oof_predictions.csv", str(cv_run.home)))
+    folds_csv = pd.read_csv(client.download_artifacts(cv_run.folds[0].info.run_id, "folds.csv", str(cv_run.home)))
+    assert len(oof) == len(folds_csv) and set(oof["fold"]) == {1, 2}  # every labelled call scored once, out of fold
+    truth, scores = oof.filter(regex=r"^y\d+$").to_numpy(), oof.filter(regex=r"^s\d+$").to_numpy()
+    assert m["oof_lwlrap"] == pytest.approx(sklearn_lwlrap(truth, scores), abs=1e-6)
+    for fold, run in ((1, cv_run.folds[0]), (2, cv_run.folds[1])):
+        rows = oof[oof["fold"] == fold]
+        assert sklearn_lwlrap(rows.filter(regex=r"^y\d+$").to_numpy(), rows.filter(regex=r"^s\d+$").to_numpy()) == \
+            pytest.approx(run.data.metrics["best_val_lwlrap"], abs=1e-4)
+
+    ap = pd.read_csv(client.download_artifacts(parent.info.run_id, "species_ap.csv", str(cv_run.home)))
+    assert list(ap.columns) == ["species_id", "average_precision", "fold1", "fold2"] and len(ap) == 24
+    np.testing.assert_allclose(ap["average_precision"], ap[["fold1", "fold2"]].mean(axis=1))
+
+
+def test_window_starts_cover_the_recording():
+    np.testing.assert_allclose(predict.window_starts(60.0, 10.0, 5.0), np.arange(0, 51, 5))
+    np.testing.assert_allclose(predict.window_starts(12.0, 5.0, 2.5), [0, 2.5, 5.0, 7.0])  # the last ends at 12 s
+    np.testing.assert_allclose(predict.window_starts(3.0, 5.0, 2.5), [0])  # shorter than a window: padded
+
+
+def run_predict(capsys, *argv) -> tuple[int, str, str]:
+    code = predict.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cv_prediction_averages_the_folds_in_submission_order(cv_run, cv_tracking, tiny_data, capsys, tmp_path):
+    code, out, _ = run_predict(capsys, "--run-id", cv_run.parent.info.run_id, "--out", "cv.csv")
+    assert code == 0
+    submission = pd.read_csv("cv.csv")
+    template = pd.read_csv(tiny_data / "sample_submission.csv")
+    assert list(submission.columns) == list(template.columns)
+    assert submission["recording_id"].tolist() == template["recording_id"].tolist()
+    labels = pd.read_csv(tiny_data / "test_labels.csv").set_index("recording_id").loc[submission["recording_id"]]
+    expected = sklearn_lwlrap(labels.to_numpy(), submission.drop(columns="recording_id").to_numpy())
+    assert f"test LWLRAP {expected:.4f}" in out
+    parent = cv_tracking.get_run(cv_run.parent.info.run_id)
+    assert parent.data.metrics["test_lwlrap"] == pytest.approx(expected)
+    assert "cv.csv" in {a.path for a in cv_tracking.list_artifacts(parent.info.run_id)}
+
+    folds = []
+    for run in cv_run.folds:
+        assert run_predict(capsys, "--run-id", run.info.run_id, "--out", f"{run.info.run_id}.csv")[0] == 0
+        folds.append(pd.read_csv(f"{run.info.run_id}.csv").drop(columns="recording_id").to_numpy())
+    np.testing.assert_allclose(submission.drop(columns="recording_id").to_numpy(), np.mean(folds, axis=0), atol=2e-6)
+
+
+def test_a_folder_of_audio_with_an_unreadable_file(cv_run, cv_tracking, capsys, tmp_path):
+    folder = tmp_path / "field"
+    folder.mkdir()
+    write_tone(folder / "b_site.wav", seconds=7.0, freq=3000.0)
+    write_tone(folder / "a_site.flac", seconds=1.0)  # shorter than a window
+    (folder / "c_broken.flac").write_bytes(b"not audio at all")
+    code, out, err = run_predict(capsys, "--run-id", cv_run.folds[0].info.run_id, "--data-dir", str(folder),
+                                 "--out", "field.csv", "--hop", "0.5")
+    assert code == 1
+    submission = pd.read_csv("field.csv")
+    assert submission["recording_id"].tolist() == ["a_site", "b_site"] and submission.shape == (2, 25)
+    assert "1 recording(s) could not be scored" in err and "c_broken.flac: not a readable audio file" in err
+    assert "test LWLRAP" not in out
+
+
+def test_bad_input_is_one_line(cv_run, cv_tracking, capsys, tmp_path, tiny_data):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no audio here")
+    ten = tmp_path / "ten"
+    (ten / "test").mkdir(parents=True)
+    write_tone(ten / "test" / "r1.flac", seconds=3.0)
+    pd.DataFrame({"recording_id": ["r1"], **{f"s{i}": [0.5] for i in range(10)}}).to_csv(
+        ten / "sample_submission.csv", index=False)
+    bare = cv_tracking.create_run(cv_tracking.create_experiment("no-model"))
+    cv_tracking.log_text(bare.info.run_id, yaml.safe_dump(yaml.safe_load(
+        mlflow.artifacts.load_text(cv_run.folds[0].info.artifact_uri + "/config.yaml"))), "config.yaml")
+    fold = cv_run.folds[0].info.run_id
+    cases = [
+        (["--run-id", "0123456789abcdef0123456789abcdef"], "run 0123456789abcdef0123456789abcdef not found"),
+        (["--run-id", bare.info.run_id], f"run {bare.info.run_id} has no model (checkpoints/best.keras)"),
+        (["--run-id", fold, "--data-dir", str(empty)], f"{empty}: no .flac or .wav files"),
+        (["--run-id", fold, "--data-dir", str(tmp_path / "nowhere")], "nowhere: no such folder"),
+        (["--run-id", fold, "--data-dir", str(ten)], "sample_submission.csv: 10 species columns, but the model scores 24"),
+    ]
+    for argv, message in cases:
+        code, _, err = run_predict(capsys, *argv, "--out", "x.csv")
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert code == 2 and len(errors) == 1 and message in errors[0], (argv, err[-2000:])
+        assert "Traceback" not in err
+    assert not Path("x.csv").exists()
+
+
+def in_process_scores(run_id: str, recording: Path, folder: Path) -> np.ndarray:
+    _, scorer = predict.load_run(run_id, folder)
+    return scorer.scores(scorer.read(recording))
+
+
+def test_servable_model_in_a_fresh_process(cv_run, cv_tracking, tiny_data, tmp_path):
+    run = cv_run.folds[0]
+    recording = sorted((tiny_data / "test").iterdir())[0]
+    script = f"""
+import json, mlflow, numpy as np, pandas as pd, soundfile as sf
+model = mlflow.pyfunc.load_model("runs:/{run.info.run_id}/model")
+y, sr = sf.read("{recording}", dtype="float32")
+by_path = model.predict(pd.DataFrame({{"path": ["{recording}"]}}))
+by_audio = model.predict(pd.DataFrame({{"audio": [y.astype(float).tolist()], "sample_rate": [sr]}}))
+print(json.dumps({{"path": by_path.to_numpy().tolist(), "audio": by_audio.to_numpy().tolist(),
+                  "columns": list(by_path.columns), "inputs": model.metadata.get_input_schema().input_names()}}))
+"""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": cv_run.tracking_uri}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["columns"] == [f"s{i}" for i in range(24)]
+    assert result["inputs"] == ["path", "audio", "sample_rate"]
+    np.testing.assert_allclose(result["path"], result["audio"], atol=1e-6)
+    np.testing.assert_allclose(result["path"][0], in_process_scores(run.info.run_id, recording, tmp_path), atol=2e-6)
+
+
+def test_mlflow_models_serve_answers_a_request(cv_run, cv_tracking, tiny_data, tmp_path):
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": cv_run.tracking_uri,
+           "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
+    server = start_server(["mlflow", "models", "serve", "-m", f"runs:/{cv_run.folds[0].info.run_id}/model",
+                           "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                          f"http://127.0.0.1:{port}/ping", tmp_path, env)
+    try:
+        recording = sorted((tiny_data / "test").iterdir())[1]
+        body = json.dumps({"dataframe_records": [{"path": str(recording)}]}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=300).read())
+    finally:
+        server.terminate()
+        server.wait(30)
+    (row,) = answer["predictions"]
+    assert sorted(row, key=lambda k: int(k[1:])) == [f"s{i}" for i in range(24)]
+    scores = [row[f"s{i}"] for i in range(24)]
+    np.testing.assert_allclose(scores, in_process_scores(cv_run.folds[0].info.run_id, recording, tmp_path), atol=2e-6)
+
+
+def test_report_lists_every_run(cv_run, cv_tracking, capsys):
+    assert report.main(["--experiment", "cv", "--out", "runs.csv"]) == 0
+    out = capsys.readouterr().out
+    table = pd.read_csv("runs.csv")
+    assert list(table.columns) == report.COLUMNS and len(table) == 3
+    assert sorted(table["fold"].astype(str)) == ["1", "2", "all"]
+    by_fold = table.set_index(table["fold"].astype(str))
+    assert by_fold.loc["all", "best_val_lwlrap"] == pytest.approx(cv_run.parent.data.metrics["best_val_lwlrap"])
+    assert (by_fold.loc[["1", "2"], "epochs"] == 1).all() and (table["wall_time_s"] > 0).all()
+    for line in ("tiny-cv", "tiny-fold1", "tiny-fold2", "3 runs; written to runs.csv"):
+        assert line in out
+    assert report.main(["--experiment", "nope"]) == 2
+    assert "error: no experiment 'nope'" in capsys.readouterr().err
