@@ -184,7 +184,11 @@ class SpeciesScorer(mlflow.pyfunc.PythonModel):
 
 
 def log_servable(model: keras.Model, cfg: Config, folder: Path) -> None:
-    """Log ``model`` (weights only) with its config as the run's pyfunc model ``model``."""
+    """Log ``model`` (weights only) with its config as the run's pyfunc model ``model``.
+
+    MLflow 3 stores it as a logged model linked to the run: ``runs:/<run id>/model``,
+    or the ``models:/<model id>`` URI the run's ``model_uri`` tag holds.
+    """
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Array, ColSpec, DataType, Schema
 
@@ -201,10 +205,11 @@ def log_servable(model: keras.Model, cfg: Config, folder: Path) -> None:
         outputs=Schema([ColSpec(DataType.float, f"s{i}") for i in range(n)]),
     )
     example = pd.DataFrame({"audio": [[0.0] * 1600], "sample_rate": [16000]})
-    mlflow.pyfunc.log_model(name=MODEL_DIR, python_model=SpeciesScorer(), signature=signature,
-                            input_example=example,
-                            artifacts={"keras_model": str(weights), "config": str(folder / "servable.yaml")},
-                            code_paths=[str(Path(__file__).parent)], pip_requirements=_requirements())
+    info = mlflow.pyfunc.log_model(name=MODEL_DIR, python_model=SpeciesScorer(), signature=signature,
+                                   input_example=example,
+                                   artifacts={"keras_model": str(weights), "config": str(folder / "servable.yaml")},
+                                   code_paths=[str(Path(__file__).parent)], pip_requirements=_requirements())
+    mlflow.set_tag("model_uri", info.model_uri)
 
 
 def _requirements() -> list[str]:

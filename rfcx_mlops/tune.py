@@ -254,9 +254,9 @@ class Objective:
                 value, pruned = self._folds(trial, cfg, tags)
         except Exception as exc:
             trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:5000])
+            self.current = None
             raise
-        finally:
-            self.current = None  # a Ctrl-C from now on is between trials
+        self.current = None  # only a Ctrl-C leaves it set: that trial is queued again
         if pruned:
             raise optuna.TrialPruned(f"val_lwlrap below the median of earlier trials at epoch {pruned}")
         return value
@@ -426,6 +426,8 @@ def optimize(study: optuna.Study, cfg: Config, folds: list[int], space: SearchSp
             except KeyboardInterrupt:
                 if objective.current is not None:  # the interrupted draw runs first next time
                     study.enqueue_trial(objective.current.params)
+                    _state_tag(study, next(t for t in study.get_trials(deepcopy=False)
+                                           if t.number == objective.current.number))
                 mlflow.set_tag("failure_reason", "interrupted (Ctrl-C or SIGTERM)")
                 mlflow.end_run("KILLED")
                 raise

@@ -56,12 +56,12 @@ def test_compare_page_renders_in_headless_chromium(server, cv_run, tmp_path):
     page = (f"{server}/#/compare-runs?runs={urllib.parse.quote(json.dumps(ids))}"
             f"&experiments={urllib.parse.quote(json.dumps([cv_run.experiment_id]))}")
     shot = tmp_path / "compare.png"
-    subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1000", "--virtual-time-budget=20000",
-         f"--screenshot={shot}", page],
-        check=True, capture_output=True, timeout=180)
+    chromium = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1000", "--virtual-time-budget=20000"]
+    dom = subprocess.run([*chromium, "--dump-dom", page], check=True, capture_output=True, text=True, timeout=180)
+    assert "Comparing 2 Runs" in dom.stdout and "tiny-fold1" in dom.stdout and "tiny-fold2" in dom.stdout
+    subprocess.run([*chromium, f"--screenshot={shot}", page], check=True, capture_output=True, timeout=180)
     image = imread(shot)
     assert image.shape[:2] == (1000, 1400)
     # A rendered page has text, tables and charts; a blank or error page is one or two colours.

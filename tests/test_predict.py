@@ -160,6 +160,7 @@ print(json.dumps({{"path": by_path.to_numpy().tolist(), "audio": by_audio.to_num
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["columns"] == [f"s{i}" for i in range(24)]
     assert result["inputs"] == ["path", "audio", "sample_rate"]
+    assert run.data.tags["model_uri"].startswith("models:/m-")
     np.testing.assert_allclose(result["path"], result["audio"], atol=1e-6)
     np.testing.assert_allclose(result["path"][0], in_process_scores(run.info.run_id, recording, tmp_path), atol=2e-6)
 

@@ -213,6 +213,26 @@ def test_parent_run_holds_the_study_summary_and_plots(mlflow_run_study):
                                                                           "best_params.json"}
 
 
+def test_interrupted_study_queues_its_running_trial(tiny_data, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = worker(storage, uri, tmp_path, tiny_data, "--n-trials", "1", "--set", "train.epochs=3")
+    for _ in range(600):  # until its first epoch is logged
+        if any(r.data.metrics.get("val_lwlrap") is not None for r in all_runs(uri)) or proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)  # what `mlflow run` sends on Ctrl-C
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "queued to run first next time" in err
+    interrupted, queued = optuna.load_study(study_name="shared", storage=storage).trials
+    assert interrupted.state == TrialState.FAIL and queued.state == TrialState.WAITING
+    assert queued.system_attrs["fixed_params"] == interrupted.params
+    runs = {r.data.tags.get("trial_number"): r for r in all_runs(uri)}
+    assert runs["0"].info.status == "KILLED" and runs["0"].data.tags["trial_state"] == "FAIL"
+    assert runs[None].info.status == "KILLED"
+
+
 # --- many workers: PostgreSQL for the study, one MLflow tracking server for the runs -------------------------
 
 
