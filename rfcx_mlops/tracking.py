@@ -24,9 +24,20 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 
 def use_default_experiment() -> None:
-    """Log to the ``rfcx`` experiment unless ``mlflow run`` or the environment already chose one."""
-    if not any(os.environ.get(v) for v in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")):
-        mlflow.set_experiment(DEFAULT_EXPERIMENT)
+    """Log to $MLFLOW_EXPERIMENT_NAME or ``rfcx``, unless ``mlflow run`` or $MLFLOW_EXPERIMENT_ID chose one.
+
+    Workers started together against a fresh tracking server race to create the
+    experiment: the loser uses the winner's.
+    """
+    if os.environ.get("MLFLOW_RUN_ID") or os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    try:
+        mlflow.set_experiment(name)
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        mlflow.set_experiment(name)
 
 
 def git_commit() -> str:

@@ -72,8 +72,9 @@ def tracking(tmp_path, monkeypatch) -> str:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)  # checkpoints' artifact store and any stray output stay in tmp_path
-    # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID; later subprocesses must not inherit it.
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID: registered here, so that it is removed after the
+    # test and later subprocesses do not inherit it.
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "")
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("tests")
     yield uri
