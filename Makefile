@@ -28,4 +28,4 @@ ui: install
 	mlflow ui --host 127.0.0.1 --port 5000
 
 clean:
-	rm -rf $(VENV) data mlruns mlartifacts mlflow.db optuna.db
+	rm -rf $(VENV) data mlruns mlartifacts mlflow.db optuna.db submission.csv runs.csv
