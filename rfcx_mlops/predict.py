@@ -103,10 +103,9 @@ def load_run(run_id: str, folder: Path, hop_seconds: float | None = None) -> tup
     except mlflow.exceptions.MlflowException:
         raise PredictError(f"run {run_id} not found in {mlflow.get_tracking_uri()}") from None
     try:
-        text = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.yaml")
+        cfg = tracking.logged_config(run)
     except mlflow.exceptions.MlflowException:
         raise PredictError(f"run {run_id} has no config.yaml: not a training run") from None
-    cfg = from_dict(yaml.safe_load(text))
     models, ids = _run_models(run, folder)
     log.info("run %s: %d model(s) from %s", run_id, len(models), ", ".join(ids))
     return run, Scorer(models, cfg, hop_seconds)
@@ -213,12 +212,10 @@ def log_servable(model: keras.Model, cfg: Config, folder: Path) -> None:
 
 
 def _requirements() -> list[str]:
-    from importlib.metadata import PackageNotFoundError, requires
+    """The package's pinned dependencies: a model served elsewhere gets the versions it was trained with."""
+    from importlib.metadata import requires
 
-    try:
-        return [r for r in requires("rfcx_mlops") or [] if "extra ==" not in r]
-    except PackageNotFoundError:
-        return ["tensorflow", "keras", "librosa", "soundfile", "soxr", "mlflow", "pandas", "pyyaml"]
+    return [r for r in requires("rfcx_mlops") or [] if "extra ==" not in r]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -14,9 +14,10 @@ import keras
 import mlflow
 import numpy as np
 import pandas as pd
+import yaml
 from matplotlib.figure import Figure  # drawn without pyplot: no global backend or figure state
 
-from rfcx_mlops.config import DEFAULT_EXPERIMENT, Config, flatten, to_yaml
+from rfcx_mlops.config import DEFAULT_EXPERIMENT, Config, flatten, from_dict, to_yaml
 from rfcx_mlops.metrics import lwlrap
 
 CHECKPOINT_DIR = "checkpoints"
@@ -80,6 +81,11 @@ def log_config(cfg: Config) -> None:
     for i in range(0, len(keys), 100):  # MLflow takes at most 100 params a call
         mlflow.log_params({k: params[k] for k in keys[i : i + 100]})
     mlflow.log_text(to_yaml(cfg), "config.yaml")
+
+
+def logged_config(run: mlflow.entities.Run) -> Config:
+    """The config ``run`` was started with, read back from its config.yaml (MlflowException where it has none)."""
+    return from_dict(yaml.safe_load(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.yaml")))
 
 
 def _save(model: keras.Model, folder: Path, name: str, source: Path | None = None) -> Path:

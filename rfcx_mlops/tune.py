@@ -162,9 +162,10 @@ class _RequeueStale:
         if parent:
             client = MlflowClient()
             reason = f"trial {trial.number}: its worker stopped sending heartbeats (killed or hung)"
-            for run in _trial_runs(parent, study.study_name, trial.number):
+            runs = _trial_runs(parent, study.study_name, trial.number)
+            for run in runs:
                 client.set_tag(run.info.run_id, "trial_state", TrialState.FAIL.name)
-            for run in [client.get_run(parent), *_trial_runs(parent, study.study_name, trial.number)]:
+            for run in [client.get_run(parent), *runs]:
                 if run.info.status == "RUNNING":
                     client.set_tag(run.info.run_id, "failure_reason", reason)
                     client.set_terminated(run.info.run_id, "KILLED")
@@ -177,12 +178,19 @@ def open_storage(url: str, heartbeat: int) -> optuna.storages.RDBStorage:
         raise ConfigError(f"--storage {redact(url)}: unknown scheme {scheme or url!r}; use "
                           "sqlite:///FILE (one worker) or postgresql://USER:PASSWORD@HOST/DB (many)")
     engine_kwargs = {"connect_args": {"connect_timeout": 10}} if scheme == "postgresql" else {}
-    try:
+
+    def connect() -> optuna.storages.RDBStorage:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
                                               grace_period=3 * heartbeat,
                                               heartbeat_stale_trial_callback=_RequeueStale())
+    try:
+        try:
+            return connect()
+        except sqlalchemy.exc.IntegrityError:
+            # Workers opening a new database together race to create Optuna's tables; the loser finds them made.
+            return connect()
     except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         raise ConfigError(f"--storage {redact(url)}: cannot open the database ({reason})") from None

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -24,6 +25,17 @@ from rfcx_mlops import synth
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_RFCX = ROOT.parent / "shared" / "rfcx"
 COLUMNS = ["recording_id", "species_id", "songtype_id", "t_min", "f_min", "t_max", "f_max"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def scratch_tmpdir(tmp_path_factory):
+    """Temporary files of the code under test, subprocesses' included, go under pytest's folder, which
+    pytest removes: a killed worker's checkpoints or MLflow's copy of a loaded model must not pile up in /tmp."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmp")))
+    patch.setattr(tempfile, "tempdir", None)  # tempfile caches the folder it picked first
+    yield
+    patch.undo()
 
 
 @pytest.fixture
