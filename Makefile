@@ -1,11 +1,12 @@
 # `make demo`: set up, then train fold 1 of the quick preset on the demo data.  `make test`: the test suite.
+# `make bench`: the input pipeline against the notebook's.
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
-.PHONY: install demo test test-slow ui clean
+.PHONY: install demo test test-slow bench ui clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +24,10 @@ test: install
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow
+
+bench: install
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python benchmarks/pipeline.py
 
 ui: install
 	mlflow ui --host 127.0.0.1 --port 5000

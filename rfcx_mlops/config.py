@@ -60,6 +60,7 @@ class AugmentConfig:
     volume_p: float = 1.0
     max_volume_db: float = 10.0
     volume_mode: str = "sine"  # uniform | fade | cosine | sine
+    domain: str = "spectrogram"  # spectrogram (fast) | waveform (the seed's phase vocoder): where pitch and volume act
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,11 @@ class TrainConfig:
     lr_schedule: str = "constant"  # constant | cosine
     warmup_epochs: int = 0
     workers: int = 0  # input pipeline threads; 0: one per core
+    cache_audio: bool = True  # keep each training window's decoded audio in memory (16-bit: ~1 MB per 10 s)
     steps_per_epoch: int = 0  # 0: one pass over the training samples
     run_eagerly: bool = False  # skips graph tracing: only for tiny smoke runs
+    mixed_precision: bool = False  # float16 compute, float32 weights and outputs: for GPUs with tensor cores
+    distribute: bool = False  # tf.distribute.MirroredStrategy: each batch split over every local GPU
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,7 @@ class Config:
 _CHOICES = {
     "augment.shift_padding": ("replace", "zero"),
     "augment.volume_mode": ("uniform", "fade", "cosine", "sine"),
+    "augment.domain": ("spectrogram", "waveform"),
     "model.activation": ("softmax", "sigmoid"),
     "train.lr_schedule": ("constant", "cosine"),
 }

@@ -1,11 +1,43 @@
-"""The one mel-spectrogram path shared by training, validation and prediction."""
+"""The one mel-spectrogram path shared by training, validation and prediction.
+
+Pitch shift and volume can be applied here, on the spectrogram, instead of on the
+waveform (``augment.domain: spectrogram``): a pitch shift by n semitones moves the
+energy at frequency f to f * 2^(n/12), which a mel filter centred at c picks up where
+the unshifted filter would have seen c * 2^(-n/12), so a shifted sample's mel image
+is the clean power spectrum through a filterbank warped by 2^(n/12) (one per
+semitone, built once); a volume envelope that changes slowly against one STFT frame
+(43 ms) scales each frame's power by its gain squared.  Both are free next to the
+phase vocoder the waveform path runs.
+"""
 
 from __future__ import annotations
 
 import librosa
 import numpy as np
+import scipy.fft
+import scipy.sparse
+from numpy.lib.stride_tricks import sliding_window_view
 
+from rfcx_mlops.augment import envelope
 from rfcx_mlops.config import FeatureConfig
+
+_BLOCK_FRAMES = 128  # 1 MB of float32 frames at n_fft 2048
+
+
+def mel_filterbank(sample_rate: int, cfg: FeatureConfig, ratio: float = 1.0) -> np.ndarray:
+    """(n_mels, 1 + n_fft/2) float32 Slaney mel filters, responding at f as librosa's do at ``ratio`` * f.
+
+    ``ratio`` = 1 is ``librosa.filters.mel``; ``ratio`` = 2^(n/12) reads a spectrum as if
+    pitch-shifted by n semitones.
+    """
+    freqs = librosa.fft_frequencies(sr=sample_rate, n_fft=cfg.n_fft) * ratio
+    edges = librosa.mel_frequencies(cfg.n_mels + 2, fmin=cfg.fmin, fmax=cfg.fmax)
+    ramps = edges[:, None] - freqs[None, :]
+    width = np.diff(edges)
+    lower = -ramps[:-2] / width[:-1, None]
+    upper = ramps[2:] / width[1:, None]
+    weights = np.maximum(0.0, np.minimum(lower, upper)) * (2.0 / (edges[2:] - edges[:-2]))[:, None]
+    return weights.astype(np.float32)
 
 
 class MelFeatures:
@@ -15,28 +47,50 @@ class MelFeatures:
     power, which halved its dynamic range), optionally each band's median level
     subtracted (what stands above the steady background), the time axis resized to
     ``frames`` by linear interpolation, then min-max scaling per sample.
+
+    ``max_semitones`` > 0 prepares the warped filterbanks for ``semitones`` in
+    [-max_semitones, max_semitones]; ``volume_mode`` is the envelope ``gain_db`` follows.
     """
 
-    def __init__(self, cfg: FeatureConfig, sample_rate: int):
+    def __init__(self, cfg: FeatureConfig, sample_rate: int, max_semitones: int = 0, volume_mode: str = "uniform"):
         self.cfg = cfg
         self.sample_rate = sample_rate
-        self.mel_basis = librosa.filters.mel(
-            sr=sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels, fmin=cfg.fmin, fmax=cfg.fmax, dtype=np.float32
-        )
+        self.volume_mode = volume_mode
         self.window = librosa.filters.get_window("hann", cfg.n_fft, fftbins=True).astype(np.float32)
+        banks = {n: mel_filterbank(sample_rate, cfg, 2 ** (n / 12)) for n in range(-max_semitones, max_semitones + 1)}
+        # Only the bins some filter reads are squared and summed; the filters are sparse (two per bin at most).
+        self.n_bins = 1 + max(int(np.nonzero(b.any(axis=0))[0].max()) for b in banks.values())
+        self.banks = {n: scipy.sparse.csr_array(b[:, : self.n_bins]) for n, b in banks.items()}
 
-    def power(self, y: np.ndarray) -> np.ndarray:
-        """Power spectrogram (1 + n_fft/2, native frames), float32."""
-        stft = librosa.stft(y, n_fft=self.cfg.n_fft, hop_length=self.cfg.hop_length, window=self.window,
-                            center=True, pad_mode="constant")
-        return (stft.real**2 + stft.imag**2).astype(np.float32, copy=False)
+    def mel_power(self, y: np.ndarray, semitones: int = 0) -> np.ndarray:
+        """(n_mels, native frames) float32: the power of ``librosa.stft(y)`` (centred) through the filterbank.
 
-    def log_mel(self, power: np.ndarray) -> np.ndarray:
-        """Mel power in dB (10 log10: it is power), at the native frame rate."""
-        return 10.0 * np.log10(np.maximum(self.mel_basis @ power, 1e-10))
+        Frames go through in blocks that stay in the CPU's cache: the whole STFT of a 10 s
+        window is 8 MB, and writing it out and reading it back cost more than the FFT.
+        """
+        n_fft, hop = self.cfg.n_fft, self.cfg.hop_length
+        padded = np.pad(np.asarray(y, dtype=np.float32), n_fft // 2)
+        frames = sliding_window_view(padded, n_fft)[::hop]
+        bank = self.banks[semitones]
+        mel = np.empty((self.cfg.n_mels, len(frames)), np.float32)
+        for start in range(0, len(frames), _BLOCK_FRAMES):
+            spectrum = scipy.fft.rfft(frames[start : start + _BLOCK_FRAMES] * self.window, axis=-1)[:, : self.n_bins]
+            mel[:, start : start + _BLOCK_FRAMES] = bank @ (spectrum.real**2 + spectrum.imag**2).T
+        return mel
 
-    def from_power(self, power: np.ndarray) -> np.ndarray:
-        db = self.log_mel(power)
+    def frame_gain(self, gain_db: float, n_samples: int) -> np.ndarray:
+        """Power gain of each frame of an ``n_samples`` window: the volume envelope at the frame centres."""
+        centres = np.arange(1 + n_samples // self.cfg.hop_length) * self.cfg.hop_length
+        return (10.0 ** (gain_db * envelope(self.volume_mode, centres, n_samples) / 10)).astype(np.float32)
+
+    def log_mel(self, y: np.ndarray, semitones: int = 0, gain_db: float = 0.0) -> np.ndarray:
+        """Mel power in dB (10 log10: it is power) at the native frame rate, pitch-shifted and scaled as asked."""
+        mel = self.mel_power(y, semitones)
+        if gain_db:
+            mel *= self.frame_gain(gain_db, len(y))
+        return 10.0 * np.log10(np.maximum(mel, 1e-10))
+
+    def from_log_mel(self, db: np.ndarray) -> np.ndarray:
         if self.cfg.band_median:
             # Rain, insects and wind are steady within a window; calls are not.
             db = np.maximum(db - np.median(db, axis=1, keepdims=True), 0.0)
@@ -44,17 +98,78 @@ class MelFeatures:
         span = db.max() - db.min()
         return (db - db.min()) / span if span > 0 else np.zeros_like(db)
 
-    def __call__(self, y: np.ndarray) -> np.ndarray:
-        return self.from_power(self.power(y))
+    def __call__(self, y: np.ndarray, semitones: int = 0, gain_db: float = 0.0) -> np.ndarray:
+        return self.from_log_mel(self.log_mel(y, semitones, gain_db))
 
 
 def resize_time(image: np.ndarray, frames: int) -> np.ndarray:
     """Linear interpolation along the last axis with pixel-centre alignment (skimage's ``resize``, order 1)."""
-    n = image.shape[-1]
-    if n == frames:
+    if image.shape[-1] == frames:
         return image.astype(np.float32, copy=False)
-    pos = np.clip((np.arange(frames) + 0.5) * (n / frames) - 0.5, 0, n - 1)
-    lo = np.floor(pos).astype(int)
-    hi = np.minimum(lo + 1, n - 1)
-    w = (pos - lo).astype(np.float32)
+    lo, hi, w = _resize_weights(image.shape[-1], frames)
     return (image[..., lo] * (1 - w) + image[..., hi] * w).astype(np.float32, copy=False)
+
+
+def _resize_weights(n: int, frames: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    pos = np.clip((np.arange(frames) + 0.5) * (n / frames) - 0.5, 0, n - 1)
+    lo = np.floor(pos).astype(np.int32)
+    return lo, np.minimum(lo + 1, n - 1), (pos - lo).astype(np.float32)
+
+
+class TFMelFeatures:
+    """``MelFeatures`` for a batch, as TensorFlow ops: they run on the GPU when there is one.
+
+    ``(batch, samples)`` float32 waveforms (and per sample ``semitones`` and ``gain_db``,
+    the spectrogram-domain draws) -> ``(batch, n_mels, frames)`` images, the same as
+    ``MelFeatures`` gives one by one (tested on the CPU to 1e-3).  The waveform work
+    left to the data workers (cached window, noise, time shift) is then a few ms a sample.
+    """
+
+    def __init__(self, cfg: FeatureConfig, sample_rate: int, max_semitones: int = 0, volume_mode: str = "uniform"):
+        import tensorflow as tf
+
+        self.tf = tf
+        self.cfg = cfg
+        self.volume_mode = volume_mode
+        self.max_semitones = max_semitones
+        reference = MelFeatures(cfg, sample_rate, max_semitones, volume_mode)
+        self.n_bins = reference.n_bins
+        self.window = tf.constant(reference.window)
+        self.banks = tf.constant(np.stack([reference.banks[n].toarray().T for n in sorted(reference.banks)]))
+
+    def __call__(self, audio, semitones=None, gain_db=None):
+        tf, cfg = self.tf, self.cfg
+        audio = tf.convert_to_tensor(audio, tf.float32)
+        n = int(audio.shape[-1])
+        padded = tf.pad(audio, [[0, 0], [cfg.n_fft // 2, cfg.n_fft // 2]])
+        frames = tf.signal.frame(padded, cfg.n_fft, cfg.hop_length)  # (batch, frames, n_fft)
+        spectrum = tf.signal.rfft(frames * self.window)[..., : self.n_bins]
+        power = tf.math.square(tf.math.real(spectrum)) + tf.math.square(tf.math.imag(spectrum))
+        if semitones is None:
+            mel = tf.linalg.matmul(power, self.banks[self.max_semitones])
+        else:
+            mel = tf.linalg.matmul(power, tf.gather(self.banks, tf.cast(semitones, tf.int32) + self.max_semitones))
+        mel = tf.transpose(mel, [0, 2, 1])  # (batch, n_mels, frames)
+        if gain_db is not None:
+            centres = np.arange(mel.shape[-1]) * cfg.hop_length
+            env = tf.constant(envelope(self.volume_mode, centres, n), tf.float32)
+            gain_db = tf.reshape(tf.cast(gain_db, tf.float32), [-1, 1, 1])
+            mel *= tf.pow(10.0, gain_db * env / 10.0)
+        db = 10.0 * tf.math.log(tf.maximum(mel, 1e-10)) / np.log(10.0)
+        if cfg.band_median:
+            db = tf.maximum(db - _median_last_axis(tf, db), 0.0)
+        db = tf.maximum(db, tf.reduce_max(db, axis=[1, 2], keepdims=True) - cfg.top_db)
+        if db.shape[-1] != cfg.frames:
+            lo, hi, w = _resize_weights(int(db.shape[-1]), cfg.frames)
+            db = tf.gather(db, lo, axis=-1) * (1 - w) + tf.gather(db, hi, axis=-1) * w
+        low = tf.reduce_min(db, axis=[1, 2], keepdims=True)
+        span = tf.reduce_max(db, axis=[1, 2], keepdims=True) - low
+        return tf.where(span > 0, (db - low) / tf.where(span > 0, span, 1.0), 0.0)
+
+
+def _median_last_axis(tf, x):
+    """numpy's median along the last axis (the mean of the two middle values for an even count), kept as an axis."""
+    ordered = tf.sort(x, axis=-1)
+    n = int(x.shape[-1])
+    middle = (ordered[..., (n - 1) // 2] + ordered[..., n // 2]) / 2
+    return middle[..., None]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
+import threading
 from dataclasses import dataclass
 
 import keras
@@ -59,11 +62,16 @@ class SpectrogramBatches(keras.utils.PyDataset):
     yields every sample in order, the last partial batch included.  Every random
     draw comes from a Generator seeded by (seed, epoch, sample), so the batches
     depend only on the seed, never on worker count or timing.
+
+    Workers are threads sharing one cache: a training window is decoded once (kept as
+    16-bit PCM, what the recordings hold), a validation image computed once.  The numpy
+    and scipy kernels doing the work release the GIL, so threads use every core.
     """
 
     def __init__(self, samples: Samples, recordings: dict[str, AudioInfo], cfg: Config, *, training: bool,
                  workers: int = 1):
         super().__init__(workers=workers, use_multiprocessing=False)
+        reuse_freed_memory()
         if len(samples) == 0:
             raise ValueError("no samples to batch")
         self.samples = samples
@@ -72,11 +80,15 @@ class SpectrogramBatches(keras.utils.PyDataset):
         self.training = training
         self.batch_size = cfg.train.batch_size
         self.sample_rate = cfg.data.sample_rate
-        self.features = MelFeatures(cfg.features, self.sample_rate)
+        self.spectral = training and cfg.augment.enabled and cfg.augment.domain == "spectrogram"
+        self.features = MelFeatures(cfg.features, self.sample_rate,
+                                    max_semitones=cfg.augment.max_semitones if self.spectral else 0,
+                                    volume_mode=cfg.augment.volume_mode)
         self.transform = augment.from_config(cfg.augment, self.sample_rate) if training else None
         self.epoch = 0
         self.order = self._order()
-        self._cache: dict[int, np.ndarray] = {}
+        self._cache: dict[int, np.ndarray] = {}  # training: 16-bit audio; validation: images
+        self._locks = [threading.Lock() for _ in range(64)]  # per sample (striped): no work done twice
 
     def _order(self) -> np.ndarray:
         n = len(self.samples)
@@ -97,6 +109,18 @@ class SpectrogramBatches(keras.utils.PyDataset):
         info = self.recordings[self.samples.recording_ids[i]]
         return read_window(info, self.samples.starts[i], self.cfg.data.crop_seconds, self.sample_rate)
 
+    def _cached(self, i: int, compute) -> np.ndarray:
+        with self._locks[i % len(self._locks)]:
+            if i not in self._cache:
+                self._cache[i] = compute(i)
+            return self._cache[i]
+
+    def _training_waveform(self, i: int) -> np.ndarray:
+        if not self.cfg.train.cache_audio:
+            return self.waveform(i)
+        pcm = self._cached(i, lambda j: to_pcm16(self.waveform(j)))
+        return np.multiply(pcm, np.float32(1 / 32768), dtype=np.float32)
+
     @property
     def samples_per_epoch(self) -> int:
         return min(len(self) * self.batch_size, len(self.order))
@@ -104,23 +128,28 @@ class SpectrogramBatches(keras.utils.PyDataset):
     def sample(self, i: int, epoch: int, repeat: int = 0) -> tuple[np.ndarray, dict]:
         """Sample ``i`` as drawn in ``epoch`` (its ``repeat``-th time there): its image and the drawn parameters."""
         if not self.training:
-            # Validation images never change: compute each once.
-            if i not in self._cache:
-                self._cache[i] = self.features(self.waveform(i))
-            return self._cache[i], {}
-        rng = np.random.default_rng([self.cfg.seed, epoch, i, repeat])
-        y, params = self.transform(self.waveform(i), rng)
-        return self.features(y), params
+            return self._cached(i, lambda j: self.features(self.waveform(j))), {}
+        y, params = self.augmented(i, epoch, repeat)
+        spectral = augment.spectral_params(params) if self.spectral else {}
+        return self.features(y, **spectral), params
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def augmented(self, i: int, epoch: int, repeat: int = 0) -> tuple[np.ndarray, dict]:
+        """Sample ``i``'s waveform after the waveform-domain augmentations, and every drawn parameter."""
+        rng = np.random.default_rng([self.cfg.seed, epoch, i, repeat])
+        return self.transform(self._training_waveform(i), rng)
+
+    def _batch(self, index: int) -> list[tuple[int, int]]:
+        """The (sample, repeat) pairs of batch ``index``."""
         if not 0 <= index < len(self):
             raise IndexError(f"batch {index} out of range (0..{len(self) - 1})")
         start = index * self.batch_size
-        idx = self.order[start : start + self.batch_size]
         n = len(self.samples)  # the order holds whole passes: position // n is the pass
-        images = np.stack([self.sample(int(i), self.epoch, (start + k) // n)[0] for k, i in enumerate(idx)])
-        images = images[..., None]
-        return images, self.samples.labels[idx]
+        return [(int(i), (start + k) // n) for k, i in enumerate(self.order[start : start + self.batch_size])]
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        batch = self._batch(index)
+        images = np.stack([self.sample(i, self.epoch, repeat)[0] for i, repeat in batch])
+        return images[..., None], self.samples.labels[[i for i, _ in batch]]
 
     def set_epoch(self, epoch: int) -> None:
         """Continue the sequence of shuffles and draws from ``epoch`` (0-based), as when resuming a run."""
@@ -131,3 +160,48 @@ class SpectrogramBatches(keras.utils.PyDataset):
         if self.training:
             self.epoch += 1
             self.order = self._order()
+
+
+class WaveformBatches(SpectrogramBatches):
+    """Training batches for the GPU path: ``{"audio", "semitones", "gain_db"}`` and targets.
+
+    The workers do the waveform half (cached window, noise, time shift) and draw the
+    spectrogram-domain pitch shift and volume; ``features.TFMelFeatures`` makes the images
+    where the model runs.  Needs ``augment.domain: spectrogram``.
+    """
+
+    def __init__(self, samples: Samples, recordings: dict[str, AudioInfo], cfg: Config, workers: int = 1):
+        if cfg.augment.domain != "spectrogram":
+            raise ValueError("WaveformBatches needs augment.domain: spectrogram")
+        super().__init__(samples, recordings, cfg, training=True, workers=workers)
+
+    def __getitem__(self, index: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        batch = self._batch(index)
+        drawn = [self.augmented(i, self.epoch, repeat) for i, repeat in batch]
+        spectral = [augment.spectral_params(params) for _, params in drawn]
+        inputs = {"audio": np.stack([y for y, _ in drawn]),
+                  "semitones": np.array([s["semitones"] for s in spectral], np.int32),
+                  "gain_db": np.array([s["gain_db"] for s in spectral], np.float32)}
+        return inputs, self.samples.labels[[i for i, _ in batch]]
+
+
+@functools.cache
+def reuse_freed_memory() -> None:
+    """Have glibc keep freed blocks of up to 32 MB for reuse instead of unmapping them.
+
+    A sample allocates a dozen 2-8 MB arrays; by default each is a fresh mmap whose pages
+    fault in on first touch and are returned on free, which costs as much as the FFT and
+    serialises worker threads on the kernel's memory lock.  Process-wide and harmless
+    (the memory is reused, not leaked); a no-op where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: its maximum on 64-bit
+    libc.mallopt(-1, 128 << 20)  # M_TRIM_THRESHOLD: keep that much free memory at the top of the heap
+
+
+def to_pcm16(y: np.ndarray) -> np.ndarray:
+    """float in [-1, 1) -> int16, exact for audio decoded from 16-bit files (soundfile divides by 32768)."""
+    return np.clip(np.round(y * 32768), -32768, 32767).astype(np.int16)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 
 from rfcx_mlops.config import Config
@@ -22,6 +24,16 @@ def learning_rate(cfg: Config, steps_per_epoch: int):
     return keras.optimizers.schedules.CosineDecay(train.learning_rate, decay_steps=total)
 
 
+def precision_and_devices(cfg: Config):
+    """Set Keras' dtype policy from ``train.mixed_precision``; the scope to build the model in (all GPUs or default)."""
+    keras.mixed_precision.set_dtype_policy("mixed_float16" if cfg.train.mixed_precision else "float32")
+    if not cfg.train.distribute:
+        return contextlib.nullcontext()
+    import tensorflow as tf
+
+    return tf.distribute.MirroredStrategy().scope()
+
+
 def build(cfg: Config, steps_per_epoch: int) -> keras.Model:
     """The compiled model.  Weights draw from Keras' global seed: set it first (``keras.utils.set_random_seed``)."""
     f, m = cfg.features, cfg.model
@@ -33,8 +45,9 @@ def build(cfg: Config, steps_per_epoch: int) -> keras.Model:
     x = keras.layers.Dense(m.dense_units, activation="relu", kernel_initializer="he_normal")(x)
     x = keras.layers.BatchNormalization()(x)
     x = keras.layers.Dropout(m.dropout)(x)
+    # float32 even under mixed precision: a softmax in float16 rounds small scores to 0.
     outputs = keras.layers.Dense(cfg.data.n_classes, activation=m.activation, kernel_initializer="he_normal",
-                                 name="species")(x)
+                                 name="species", dtype="float32")(x)
     model = keras.Model(inputs, outputs, name="resnet50_rfcx")
     # With few steps per epoch the default momentum (0.99) leaves the moving
     # statistics far behind the weights, and validation stays at chance.

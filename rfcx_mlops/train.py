@@ -22,15 +22,14 @@ import keras
 import mlflow
 import numpy as np
 import pandas as pd
-import yaml
 from sklearn.metrics import average_precision_score
 
 from rfcx_mlops import dataset, folds, predict, synth, tracking
 from rfcx_mlops.audio import AudioError
-from rfcx_mlops.config import Config, ConfigError, from_dict, load, parse_sets
+from rfcx_mlops.config import Config, ConfigError, load, parse_sets
 from rfcx_mlops.generator import SpectrogramBatches, make_samples
 from rfcx_mlops.metrics import lwlrap
-from rfcx_mlops.model import build
+from rfcx_mlops.model import build, precision_and_devices
 
 log = logging.getLogger("rfcx_mlops.train")
 USER_ERRORS = (ConfigError, dataset.DataError, AudioError)
@@ -133,8 +132,10 @@ def train_fold(cfg: Config, fold: int, *, resume: str | None = None, parent_run_
     folder = Path(scratch.name)
     try:
         keras.utils.set_random_seed(cfg.seed)  # weight initialisation, dropout
+        devices = precision_and_devices(cfg)
         if resume:
-            model = keras.models.load_model(tracking.download_checkpoint(run_id, "last", folder / "resume"))
+            with devices:
+                model = keras.models.load_model(tracking.download_checkpoint(run_id, "last", folder / "resume"))
             history = mlflow.tracking.MlflowClient().get_metric_history(run_id, "val_lwlrap")
             initial_epoch = int(run.data.tags.get("checkpoint_epoch", len(history)))
             best = max(((m.value, m.step) for m in history if m.step <= initial_epoch), default=(-np.inf, 0))
@@ -152,7 +153,8 @@ def train_fold(cfg: Config, fold: int, *, resume: str | None = None, parent_run_
             csv = folds.write_csv(data.tp, cfg.folds.n_splits, cfg.seed, folder / "folds.csv")
             mlflow.log_artifact(str(csv))
             _augmentation_grid(train_batches)
-            model = build(cfg, len(train_batches))
+            with devices:
+                model = build(cfg, len(train_batches))
             initial_epoch, best = 0, (-np.inf, 0)
         logger = tracking.EpochLogger(train_batches.samples_per_epoch, folder, best_so_far=best[0],
                                       best_epoch=best[1])
@@ -209,10 +211,9 @@ def train_cv(cfg: Config, *, tags: dict[str, str] | None = None) -> tuple[str, l
 def resumed_config(run_id: str) -> Config:
     """The config a run was started with, read back from its config.yaml artifact."""
     try:
-        text = mlflow.artifacts.load_text(mlflow.get_run(run_id).info.artifact_uri + "/config.yaml")
+        return tracking.logged_config(mlflow.get_run(run_id))
     except mlflow.exceptions.MlflowException as exc:
         raise ConfigError(f"resume: run {run_id} not found or has no config.yaml ({str(exc).splitlines()[0]})") from None
-    return from_dict(yaml.safe_load(text))
 
 
 # MLproject parameter -> config key; an empty value keeps the preset's setting.

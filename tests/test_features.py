@@ -1,14 +1,16 @@
-"""The mel path: shape, range, the right frequency in the right bin, and the resize."""
+"""The mel path: shape, range, the right frequency in the right bin, the resize, and the spectrogram-domain
+augmentations against the waveform ones."""
 
 from __future__ import annotations
 
+import colorednoise
 import librosa
 import numpy as np
 import pytest
 from skimage.transform import resize
 
-from rfcx_mlops import config
-from rfcx_mlops.features import MelFeatures, resize_time
+from rfcx_mlops import augment, config
+from rfcx_mlops.features import MelFeatures, TFMelFeatures, mel_filterbank, resize_time
 
 
 @pytest.fixture
@@ -36,7 +38,7 @@ def test_a_tone_lights_its_mel_bin(seed_features, freq):
 
 def test_power_to_db_not_amplitude_to_db(seed_features):
     """Ten times the amplitude is 20 dB more (the seed's amplitude_to_db on power made it 40)."""
-    quiet, loud = (seed_features.log_mel(seed_features.power(a * tone(3000.0))) for a in (0.01, 0.1))
+    quiet, loud = (seed_features.log_mel(a * tone(3000.0)) for a in (0.01, 0.1))
     band = int(np.argmax(loud.mean(axis=1)))
     assert np.median(loud[band] - quiet[band]) == pytest.approx(20.0, abs=0.1)
 
@@ -51,3 +53,107 @@ def test_resize_time_matches_skimage_inside_the_edges():
     theirs = resize(image, (16, 1876), order=1, anti_aliasing=False, mode="edge")
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
     assert resize_time(image, 938) is image or np.array_equal(resize_time(image, 938), image)
+
+
+# -- the spectrogram-domain pitch shift and volume against the waveform path ------------------------------------
+
+SR = 48000
+
+
+@pytest.fixture(scope="module")
+def shifting():
+    cfg = config.load(None)
+    return MelFeatures(cfg.features, SR, max_semitones=5, volume_mode="sine")
+
+
+def test_unshifted_filterbank_is_librosas():
+    cfg = config.load(None).features
+    np.testing.assert_allclose(mel_filterbank(SR, cfg), librosa.filters.mel(
+        sr=SR, n_fft=cfg.n_fft, n_mels=cfg.n_mels, fmin=cfg.fmin, fmax=cfg.fmax), rtol=1e-5, atol=1e-9)
+
+
+def test_log_mel_is_librosas_power_to_db(shifting):
+    y = tone(1500.0, seconds=3.0) + np.random.default_rng(1).normal(0, 0.05, 3 * SR).astype(np.float32)
+    f = shifting.cfg
+    theirs = librosa.power_to_db(librosa.feature.melspectrogram(
+        y=y, sr=SR, n_fft=f.n_fft, hop_length=f.hop_length, n_mels=f.n_mels, fmin=f.fmin, fmax=f.fmax,
+        pad_mode="constant"), ref=1.0, amin=1e-10, top_db=None)
+    np.testing.assert_allclose(shifting.log_mel(y), theirs, atol=0.01)
+
+
+@pytest.mark.parametrize("semitones", [-5, -2, 3, 5])
+def test_a_shifted_tone_peaks_in_the_same_mel_bin_either_way(shifting, semitones):
+    centres = librosa.mel_frequencies(n_mels=128 + 2, fmin=84.0, fmax=15056.0)[1:-1]
+    target = 70  # the bin the shifted tone lands in: 3.3 kHz
+    y = tone(centres[target] * 2 ** (-semitones / 12), seconds=2.0)
+    waveform = librosa.effects.pitch_shift(y, sr=SR, n_steps=semitones)
+    peak = [int(np.argmax(shifting.log_mel(waveform).mean(axis=1))),
+            int(np.argmax(shifting.log_mel(y, semitones=semitones).mean(axis=1)))]
+    assert peak == [target, target]
+
+
+@pytest.mark.parametrize("semitones", [-5, 4])
+def test_shifted_white_noise_keeps_its_power_per_hz(shifting, semitones):
+    """Shifting by n semitones spreads the same power over 2^(n/12) times the bandwidth: -10 log10(2^(n/12)) dB.
+
+    The phase vocoder loses 3-4 dB more on noise (its overlap-add of frames with unrelated
+    phases), so the waveform path's noise sits that much lower after a shift; calls, being
+    tonal, keep their level either way (previous test).
+    """
+    y = np.random.default_rng(abs(semitones)).normal(0, 0.05, 3 * SR).astype(np.float32)
+    change = shifting.log_mel(y, semitones=semitones).mean() - shifting.log_mel(y).mean()
+    assert change == pytest.approx(-10 * np.log10(2 ** (semitones / 12)), abs=0.3)
+    vocoder = shifting.log_mel(librosa.effects.pitch_shift(y, sr=SR, n_steps=semitones)).mean()
+    assert 2.0 < shifting.log_mel(y, semitones=semitones).mean() - vocoder < 5.0
+
+
+@pytest.mark.parametrize("ours, seeds", [
+    (augment.GaussianNoiseSNR, lambda n, rng: rng.standard_normal(n)),
+    (augment.PinkNoiseSNR, lambda n, rng: colorednoise.powerlaw_psd_gaussian(1, n, random_state=rng)),
+])
+def test_fast_noise_has_the_seeds_level_and_colour(shifting, ours, seeds):
+    """The float32 draws at an SNR give the mel levels of the seed's numpy / colorednoise noise, band by band."""
+    y = tone(2000.0, seconds=10.0)
+    rng = np.random.default_rng(0)
+    theirs = seeds(len(y), rng)
+    theirs = y + theirs / np.abs(theirs).max() * np.abs(y).max() / 10 ** (10 / 20)
+    mine = ours(10.0, 10.0).apply(y, {"snr_db": 10.0, "noise_seed": 1})
+    level = [shifting.log_mel(x.astype(np.float32)).mean(axis=1) for x in (theirs, mine)]
+    assert abs(level[0].mean() - level[1].mean()) < 1.0
+    assert np.median(np.abs(level[0] - level[1])) < 1.0
+
+
+@pytest.mark.parametrize("mode", ["uniform", "fade", "cosine", "sine"])
+def test_volume_per_frame_matches_volume_per_sample(mode):
+    cfg = config.load(None)
+    features = MelFeatures(cfg.features, SR, volume_mode=mode)
+    y = np.random.default_rng(3).normal(0, 0.05, 10 * SR).astype(np.float32)
+    waveform = augment.VolumeControl(10.0, mode=mode).apply(y, {"gain_db": 9.0})
+    difference = np.abs(features.log_mel(waveform) - features.log_mel(y, gain_db=9.0))
+    assert difference.mean() < 0.02 and difference.max() < 0.5  # where the envelope is steepest, within a frame
+    if mode == "uniform":
+        assert features.log_mel(y, gain_db=9.0).mean() - features.log_mel(y).mean() == pytest.approx(9.0, abs=1e-3)
+
+
+def test_a_time_shift_moves_whole_frames(shifting):
+    """TimeShift acts on the waveform in both domains: a shift by k hops moves the image k frames."""
+    y = np.random.default_rng(4).normal(0, 0.01, 5 * SR).astype(np.float32)
+    y[2 * SR : 2 * SR + 480] += 0.8  # a 10 ms click at 2 s
+    hop = shifting.cfg.hop_length
+    shifted = augment.TimeShift(SR, 2.0).apply(y, {"shift_samples": 40 * hop, "shift_seconds": 0.0})
+    before, after = shifting.log_mel(y), shifting.log_mel(shifted)
+    np.testing.assert_allclose(after[:, 45:-5], before[:, 5:-45], atol=1e-3)
+    assert int(np.argmax(after.max(axis=0))) - int(np.argmax(before.max(axis=0))) == 40
+
+
+@pytest.mark.parametrize("overrides", [{}, {"features.band_median": True, "features.frames": 300}])
+def test_tensorflow_ops_give_the_numpy_images(overrides):
+    cfg = config.load(None, overrides)
+    ours = MelFeatures(cfg.features, SR, max_semitones=5, volume_mode="sine")
+    theirs = TFMelFeatures(cfg.features, SR, max_semitones=5, volume_mode="sine")
+    rng = np.random.default_rng(5)
+    audio = np.stack([tone(f, seconds=3.0) + rng.normal(0, 0.02, 3 * SR).astype(np.float32) for f in (700.0, 5000.0)])
+    semitones, gains = np.array([-4, 5]), np.array([7.5, -3.0], np.float32)
+    expected = np.stack([ours(y, int(s), float(g)) for y, s, g in zip(audio, semitones, gains)])
+    np.testing.assert_allclose(theirs(audio, semitones, gains).numpy(), expected, atol=2e-3)
+    np.testing.assert_allclose(theirs(audio).numpy(), np.stack([ours(y) for y in audio]), atol=2e-3)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import pytest
+from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter  # what fit() iterates with
 
 from conftest import make_data_dir
 from rfcx_mlops import config, dataset
@@ -20,10 +23,10 @@ def data(tmp_path):
     return dataset.load(make_data_dir(tmp_path, rows, seconds=8.0), 24, 48000)
 
 
-def batches(data, training, **overrides):
+def batches(data, training, workers=1, **overrides):
     cfg = config.load(None, {**TINY, **overrides})
     samples = make_samples(data.tp, data.recordings, cfg.data.crop_seconds, cfg.data.n_classes)
-    return SpectrogramBatches(samples, data.recordings, cfg, training=training)
+    return SpectrogramBatches(samples, data.recordings, cfg, training=training, workers=workers)
 
 
 def test_window_start_is_centred_and_clipped():
@@ -90,6 +93,45 @@ def test_steps_per_epoch_repeats_passes_with_fresh_draws(data):
     n = len(tr.samples)
     first = int(np.flatnonzero(tr.order[n:28] == tr.order[0])[0]) + n  # sample order[0] again, second pass
     assert not np.allclose(images[0], images[first])  # augmented anew, not a copy
+
+
+def test_worker_threads_share_one_cache_and_give_the_same_batches(data, monkeypatch):
+    """Through Keras' own PyDataset workers: each window decoded once over two epochs, batches as with one worker."""
+    decoded = collections.Counter()
+    read = SpectrogramBatches.waveform
+    monkeypatch.setattr(SpectrogramBatches, "waveform", lambda self, i: decoded.update([i]) or read(self, i))
+    single = batches(data, training=True)
+    expected = []
+    for epoch in (0, 1):
+        single.set_epoch(epoch)
+        expected.append([single[k][0] for k in range(len(single))])
+    decoded.clear()
+    parallel = batches(data, training=True, workers=2)
+    for epoch in (0, 1):
+        parallel.set_epoch(epoch)
+        got = [x for x, _ in PyDatasetAdapter(parallel, shuffle=False).get_numpy_iterator()]
+        for a, b in zip(got, expected[epoch], strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert set(decoded) == set(range(len(parallel.samples))) and set(decoded.values()) == {1}
+
+
+def test_cached_audio_is_the_decoded_audio(data):
+    tr = batches(data, training=True)
+    for i in range(len(tr.samples)):
+        np.testing.assert_array_equal(tr._training_waveform(i), tr.waveform(i))  # 16-bit files: exact
+
+
+def test_every_sample_of_every_epoch_draws_its_own_noise(data):
+    tr = batches(data, training=True)
+    seeds = [tr.sample(i, epoch)[1].get("noise_seed") for epoch in range(3) for i in range(len(tr.samples))]
+    assert None not in seeds and len(set(seeds)) == len(seeds)
+
+
+def test_both_domains_draw_the_same_augmentations(data):
+    spectral, waveform = batches(data, True), batches(data, True, **{"augment.domain": "waveform"})
+    assert spectral.spectral and not waveform.spectral
+    for i in range(len(spectral.samples)):
+        assert spectral.sample(i, 0)[1] == waveform.sample(i, 0)[1]
 
 
 def test_empty_samples_refused(data):

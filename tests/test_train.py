@@ -154,3 +154,18 @@ def test_same_seed_same_result(tiny_data, tracking):
     client = MlflowClient()
     loss = [client.get_metric_history(r.run_id, "train_loss")[0].value for r in (a, b)]
     assert loss[0] == pytest.approx(loss[1], rel=1e-3)
+
+
+def test_mixed_precision_on_a_distribution_strategy(tiny_data, tracking, tmp_path):
+    """The GPU switches run anywhere: float16 compute, float32 weights and scores, the model built in the strategy."""
+    cfg = tiny_cfg(tiny_data, **{"train.epochs": 1, "train.mixed_precision": True, "train.distribute": True})
+    try:
+        result = train_fold(cfg, 1)
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    assert np.isfinite(result.best_val_lwlrap)
+    model = keras.models.load_model(MlflowClient().download_artifacts(result.run_id, "checkpoints/best.keras",
+                                                                       str(tmp_path)))
+    conv = next(layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D))
+    assert conv.compute_dtype == "float16" and conv.variable_dtype == "float32"
+    assert model.get_layer("species").compute_dtype == "float32"

@@ -1,0 +1,126 @@
+"""Does the input pipeline keep the model fed?  Training samples/s with the real pipeline against the model alone.
+
+    python benchmarks/train_step.py                          # seed preset, batch 32, features on the CPU workers
+    python benchmarks/train_step.py --features tensorflow    # images made by TFMelFeatures inside the step
+    python benchmarks/train_step.py --set train.mixed_precision=true --set train.distribute=true   # on GPUs
+
+- model only: ``train_on_batch`` on one batch of ready images, again and again: the ceiling.
+- pipeline: ``fit`` on the preset's training batches (PyDataset workers on every core, cache warm),
+  either images from the workers (``--features numpy``) or augmented waveforms turned into images
+  by TensorFlow ops in the model's first layer (``--features tensorflow``: on the GPU when there is one).
+
+Both skip their first steps (tracing, cache filling) and print samples/s; the last line is their
+ratio (1.0: the pipeline costs the model nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter short
+
+import keras  # noqa: E402
+
+from rfcx_mlops import config, dataset, tracking  # noqa: E402
+from rfcx_mlops.config import parse_sets  # noqa: E402
+from rfcx_mlops.features import TFMelFeatures  # noqa: E402
+from rfcx_mlops.generator import SpectrogramBatches, WaveformBatches, make_samples  # noqa: E402
+from rfcx_mlops.model import build, precision_and_devices  # noqa: E402
+from rfcx_mlops.train import resolve_data_dir  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class StepTimes(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.ends: list[float] = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.ends.append(time.perf_counter())
+
+
+def waveform_model(images_model: keras.Model, front: TFMelFeatures, cfg: config.Config,
+                   samples_per_window: int) -> keras.Model:
+    """``images_model`` behind ``front``: waveforms and spectrogram-domain draws in, scores out."""
+    inputs = {"audio": keras.Input((samples_per_window,), name="audio"),
+              "semitones": keras.Input((), dtype="int32", name="semitones"),
+              "gain_db": keras.Input((), name="gain_db")}
+    images = keras.layers.Lambda(lambda d: front(d["audio"], d["semitones"], d["gain_db"])[..., None])(inputs)
+    model = keras.Model(inputs, images_model(images))
+    model.compile(optimizer=keras.optimizers.Adam(cfg.train.learning_rate), loss=images_model.loss)
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(ROOT / "experiments" / "seed.yaml"))
+    p.add_argument("--data-dir", default="", help="an RFCX-layout folder (default: the preset's demo data)")
+    p.add_argument("--features", choices=("numpy", "tensorflow"), default="numpy",
+                   help="where the images are made: data workers (numpy) or the model's first layer (tensorflow)")
+    p.add_argument("--steps", type=int, default=4, help="timed steps each (default 4; more on a GPU)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    args = p.parse_args(argv)
+
+    overrides = {**({"data.data_dir": args.data_dir} if args.data_dir else {}), **parse_sets(args.set),
+                 "train.steps_per_epoch": args.warmup + args.steps}
+    cfg = config.load(args.config, overrides)
+    data_dir, _ = resolve_data_dir(cfg)
+    data = dataset.load(data_dir, cfg.data.n_classes, cfg.data.sample_rate)
+    samples = make_samples(data.tp, data.recordings, cfg.data.crop_seconds, cfg.data.n_classes)
+    workers = cfg.train.workers or os.cpu_count() or 1
+    batch = cfg.train.batch_size
+    print(f"{cfg.name} preset, batch {batch}, {cfg.features.n_mels} x {cfg.features.frames} images, features "
+          f"{args.features}, mixed precision {cfg.train.mixed_precision}, distribute {cfg.train.distribute}; "
+          f"{tracking.device()}; {workers} data workers")
+
+    keras.utils.set_random_seed(cfg.seed)
+    with precision_and_devices(cfg):
+        images_model = build(cfg, len(samples) // batch)
+        if args.features == "tensorflow":
+            batches = WaveformBatches(samples, data.recordings, cfg, workers=workers)
+            front = TFMelFeatures(cfg.features, cfg.data.sample_rate, cfg.augment.max_semitones,
+                                  cfg.augment.volume_mode)
+            model = waveform_model(images_model, front, cfg, len(batches.augmented(0, 0)[0]))
+        else:
+            batches = SpectrogramBatches(samples, data.recordings, cfg, training=True, workers=workers)
+            model = images_model
+    x, y = batches[0]
+    if args.features == "tensorflow":
+        x = front(x["audio"], x["semitones"], x["gain_db"])[..., None]  # the model alone gets ready images
+
+    start = time.perf_counter()
+    for _ in range(args.warmup):
+        images_model.train_on_batch(x, y)
+    model_only = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        images_model.train_on_batch(x, y)
+        model_only.append(batch / (time.perf_counter() - t0))
+    print(f"  model only: {statistics.median(model_only):.1f} samples/s "
+          f"(warm-up {time.perf_counter() - start:.0f} s)", file=sys.stderr)
+
+    for i in range(len(samples)):  # a training run fills the cache in its first epoch
+        batches._training_waveform(i)
+    times = StepTimes()
+    t0 = time.perf_counter()
+    model.fit(batches, epochs=1, shuffle=False, callbacks=[times], verbose=0)
+    ends = [t0, *times.ends][args.warmup:]
+    pipeline = [batch / (b - a) for a, b in zip(ends, ends[1:])]
+
+    ceiling, fed = statistics.median(model_only), statistics.median(pipeline)
+    print(f"\nsamples/s (median of {args.steps} steps)")
+    print(f"  model only (ready tensors)   {ceiling:8.2f}")
+    print(f"  with the input pipeline      {fed:8.2f}")
+    print(f"ratio: {fed / ceiling:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
