@@ -223,7 +223,7 @@ class PitchShift(Transform):
     Duration is kept (phase vocoder + resampling, ``librosa.effects.pitch_shift``); ``sr`` is
     the waveform's sample rate in Hz.  A species' call moves in frequency between individuals
     and recorders, which is what this imitates.  With ``domain="spectrogram"`` the waveform
-    is left as it is and ``MelFeatures`` applies the drawn shift (20 times cheaper).
+    is left as it is and ``MelFeatures`` applies the drawn shift, at no cost.
     """
 
     name = "pitch_shift"
