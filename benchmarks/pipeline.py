@@ -201,25 +201,27 @@ def main(argv: list[str] | None = None) -> int:
           f"{cfg.features.n_mels} x {cfg.features.frames} images; augment.domain={cfg.augment.domain}; "
           f"{os.cpu_count()} cores")
 
-    # Reference: one worker (with the seed's resampler and today's), then a process per core.
+    # Reference: one worker (the seed's resampler, then today's) and a process per core, in turns, so that a
+    # machine whose speed drifts slows every measurement alike.
     _reference_pass(rows[:1], cfg, 0)  # resampy compiles its kernel on first use
     rates: dict[str, list[float]] = defaultdict(list)
     ref_times: dict[str, list[float]] = defaultdict(list)
-    for res_type in (SEED_RESAMPLER, TODAY_RESAMPLER):
-        for r in range(args.repeats):
-            start = time.perf_counter()
-            _reference_pass(rows, cfg, [cfg.seed, r], ref_times if res_type == SEED_RESAMPLER else None, res_type)
-            rates[res_type].append(len(rows) / (time.perf_counter() - start))
-            print(f"  reference ({res_type}) pass {r + 1}/{args.repeats}: {rates[res_type][-1]:.2f} samples/s",
-                  file=sys.stderr)
     chunks = [rows[k :: args.workers] for k in range(args.workers)]
     ref_all = []
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
         pool.map(_reference_worker, [(c[:1], cfg, 0) for c in chunks])  # each process compiles resampy's kernel
         for r in range(args.repeats):
+            for res_type in (SEED_RESAMPLER, TODAY_RESAMPLER):
+                start = time.perf_counter()
+                _reference_pass(rows, cfg, [cfg.seed, r], ref_times if res_type == SEED_RESAMPLER else None,
+                                res_type)
+                rates[res_type].append(len(rows) / (time.perf_counter() - start))
             start = time.perf_counter()
             done = sum(pool.map(_reference_worker, [(c, cfg, [cfg.seed, r, k]) for k, c in enumerate(chunks)]))
             ref_all.append(done / (time.perf_counter() - start))
+            print(f"  reference pass {r + 1}/{args.repeats}: {rates[SEED_RESAMPLER][-1]:.2f}, "
+                  f"{rates[TODAY_RESAMPLER][-1]:.2f} ({TODAY_RESAMPLER}), {ref_all[-1]:.2f} ({args.workers} workers) "
+                  "samples/s", file=sys.stderr)
 
     # Ours: samples = the same windows; the first pass fills the cache.
     samples = make_samples(tp, data.recordings, cfg.data.crop_seconds, cfg.data.n_classes)
@@ -231,8 +233,10 @@ def main(argv: list[str] | None = None) -> int:
             batches.waveform(i)
         cold = (time.perf_counter() - start) / len(samples)
         _our_pass(batches, 1, 0)  # fills the cache
-        ours_one = [n_per_pass / _our_pass(batches, 1, 1 + r) for r in range(max(args.repeats, 5))]
-        ours_all = [n_per_pass / _our_pass(batches, args.workers, 100 + r) for r in range(max(args.repeats, 5))]
+        ours_one, ours_all = [], []
+        for r in range(max(args.repeats, 5)):
+            ours_one.append(n_per_pass / _our_pass(batches, 1, 1 + 2 * r))
+            ours_all.append(n_per_pass / _our_pass(batches, args.workers, 2 + 2 * r))
         our_times = our_stage_times(batches, len(samples), epoch=200)
     our_times = {"decode, cold (first pass only)": [cold], **our_times}
 
