@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     tp = data.tp.iloc[: args.samples]
     rows = [(str(data.recordings[r.recording_id].path), r.t_min, r.t_max) for r in tp.itertuples()]
     batch = cfg.train.batch_size
-    steps = max(8 * args.workers, -(-4 * len(rows) // batch))  # whole batches, many per worker, as in an epoch
+    steps = max(16 * args.workers, -(-4 * len(rows) // batch))  # whole batches, many per worker, as in an epoch
     cfg = config.load(args.config, {**overrides, "train.steps_per_epoch": steps})
     print(f"{cfg.name} preset, {len(rows)} windows of {cfg.data.crop_seconds:g} s from {data_dir}; "
           f"{cfg.features.n_mels} x {cfg.features.frames} images; augment.domain={cfg.augment.domain}; "

@@ -90,16 +90,24 @@ class MelFeatures:
             mel *= self.frame_gain(gain_db, len(y))
         return 10.0 * np.log10(np.maximum(mel, 1e-10))
 
-    def from_log_mel(self, db: np.ndarray) -> np.ndarray:
+    def from_log_mel(self, db: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The image: median-subtracted as configured, floored at top_db, resized, scaled to [0, 1] into ``out``."""
         if self.cfg.band_median:
             # Rain, insects and wind are steady within a window; calls are not.
             db = np.maximum(db - np.median(db, axis=1, keepdims=True), 0.0)
         db = resize_time(np.maximum(db, db.max() - self.cfg.top_db), self.cfg.frames)
-        span = db.max() - db.min()
-        return (db - db.min()) / span if span > 0 else np.zeros_like(db)
+        low, span = db.min(), db.max() - db.min()
+        out = np.empty_like(db) if out is None else out
+        if span > 0:
+            np.divide(np.subtract(db, low, out=out), span, out=out)
+        else:
+            out[...] = 0.0
+        return out
 
-    def __call__(self, y: np.ndarray, semitones: int = 0, gain_db: float = 0.0) -> np.ndarray:
-        return self.from_log_mel(self.log_mel(y, semitones, gain_db))
+    def __call__(self, y: np.ndarray, semitones: int = 0, gain_db: float = 0.0,
+                 out: np.ndarray | None = None) -> np.ndarray:
+        """``y``'s image, written into ``out`` when given (a batch's slot: no copy)."""
+        return self.from_log_mel(self.log_mel(y, semitones, gain_db), out)
 
 
 def resize_time(image: np.ndarray, frames: int) -> np.ndarray:

@@ -125,13 +125,19 @@ class SpectrogramBatches(keras.utils.PyDataset):
     def samples_per_epoch(self) -> int:
         return min(len(self) * self.batch_size, len(self.order))
 
-    def sample(self, i: int, epoch: int, repeat: int = 0) -> tuple[np.ndarray, dict]:
-        """Sample ``i`` as drawn in ``epoch`` (its ``repeat``-th time there): its image and the drawn parameters."""
+    def sample(self, i: int, epoch: int, repeat: int = 0, out: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+        """Sample ``i`` as drawn in ``epoch`` (its ``repeat``-th time there): its image and the drawn parameters.
+
+        ``out``, where given, receives the image.
+        """
         if not self.training:
-            return self._cached(i, lambda j: self.features(self.waveform(j))), {}
+            image = self._cached(i, lambda j: self.features(self.waveform(j)))
+            if out is not None:
+                out[...] = image
+            return image, {}
         y, params = self.augmented(i, epoch, repeat)
         spectral = augment.spectral_params(params) if self.spectral else {}
-        return self.features(y, **spectral), params
+        return self.features(y, **spectral, out=out), params
 
     def augmented(self, i: int, epoch: int, repeat: int = 0) -> tuple[np.ndarray, dict]:
         """Sample ``i``'s waveform after the waveform-domain augmentations, and every drawn parameter."""
@@ -148,8 +154,11 @@ class SpectrogramBatches(keras.utils.PyDataset):
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         batch = self._batch(index)
-        images = np.stack([self.sample(i, self.epoch, repeat)[0] for i, repeat in batch])
-        return images[..., None], self.samples.labels[[i for i, _ in batch]]
+        f = self.cfg.features
+        images = np.empty((len(batch), f.n_mels, f.frames, 1), np.float32)
+        for k, (i, repeat) in enumerate(batch):
+            self.sample(i, self.epoch, repeat, out=images[k, ..., 0])
+        return images, self.samples.labels[[i for i, _ in batch]]
 
     def set_epoch(self, epoch: int) -> None:
         """Continue the sequence of shuffles and draws from ``epoch`` (0-based), as when resuming a run."""
