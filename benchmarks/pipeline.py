@@ -130,7 +130,7 @@ def our_stage_times(batches: SpectrogramBatches, n: int, epoch: int) -> dict[str
     names = {"one_of": "noise", "pitch_shift": "pitch shift", "time_shift": "time shift", "volume": "volume"}
     for i in range(n):
         t0 = time.perf_counter()
-        y = batches._training_waveform(i)
+        y = batches._window(i)
         times["window (cached 16-bit)"].append(time.perf_counter() - t0)
         params = {}
         seeds = np.random.default_rng([batches.cfg.seed, epoch, i, 0]).integers(2**63, size=len(stages))

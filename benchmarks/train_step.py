@@ -1,13 +1,13 @@
 """Does the input pipeline keep the model fed?  Training samples/s with the real pipeline against the model alone.
 
-    python benchmarks/train_step.py                          # seed preset, batch 32, features on the CPU workers
-    python benchmarks/train_step.py --features tensorflow    # images made by TFMelFeatures inside the step
+    python benchmarks/train_step.py                                   # seed preset, batch 32, images from the workers
+    python benchmarks/train_step.py --set features.backend=tensorflow # images made in the model's first layer
     python benchmarks/train_step.py --set train.mixed_precision=true --set train.distribute=true   # on GPUs
 
-- model only: ``train_on_batch`` on one batch of ready images, again and again: the ceiling.
-- pipeline: ``fit`` on the preset's training batches (PyDataset workers on every core, cache warm),
-  either images from the workers (``--features numpy``) or augmented waveforms turned into images
-  by TensorFlow ops in the model's first layer (``--features tensorflow``: on the GPU when there is one).
+- model only: ``train_on_batch`` of the image model on one batch of ready images, again and again: the ceiling.
+- pipeline: ``fit`` of the configured model on the preset's training batches (PyDataset workers on every
+  core, cache warm): images from the workers (``features.backend: numpy``), or augmented waveforms that
+  the model's ``MelFrontEnd`` turns into images (``features.backend: tensorflow``: on the GPU when there is one).
 
 Both skip their first steps (tracing, cache filling) and print samples/s; the last line is their
 ratio (1.0: the pipeline costs the model nothing).
@@ -16,6 +16,7 @@ ratio (1.0: the pipeline costs the model nothing).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -28,8 +29,7 @@ import keras  # noqa: E402
 
 from rfcx_mlops import config, dataset, tracking  # noqa: E402
 from rfcx_mlops.config import parse_sets  # noqa: E402
-from rfcx_mlops.features import TFMelFeatures  # noqa: E402
-from rfcx_mlops.generator import SpectrogramBatches, WaveformBatches, make_samples  # noqa: E402
+from rfcx_mlops.generator import make_batches, make_samples  # noqa: E402
 from rfcx_mlops.model import build, precision_and_devices  # noqa: E402
 from rfcx_mlops.train import resolve_data_dir  # noqa: E402
 
@@ -45,24 +45,10 @@ class StepTimes(keras.callbacks.Callback):
         self.ends.append(time.perf_counter())
 
 
-def waveform_model(images_model: keras.Model, front: TFMelFeatures, cfg: config.Config,
-                   samples_per_window: int) -> keras.Model:
-    """``images_model`` behind ``front``: waveforms and spectrogram-domain draws in, scores out."""
-    inputs = {"audio": keras.Input((samples_per_window,), name="audio"),
-              "semitones": keras.Input((), dtype="int32", name="semitones"),
-              "gain_db": keras.Input((), name="gain_db")}
-    images = keras.layers.Lambda(lambda d: front(d["audio"], d["semitones"], d["gain_db"])[..., None])(inputs)
-    model = keras.Model(inputs, images_model(images))
-    model.compile(optimizer=keras.optimizers.Adam(cfg.train.learning_rate), loss=images_model.loss)
-    return model
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(ROOT / "experiments" / "seed.yaml"))
     p.add_argument("--data-dir", default="", help="an RFCX-layout folder (default: the preset's demo data)")
-    p.add_argument("--features", choices=("numpy", "tensorflow"), default="numpy",
-                   help="where the images are made: data workers (numpy) or the model's first layer (tensorflow)")
     p.add_argument("--steps", type=int, default=4, help="timed steps each (default 4; more on a GPU)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
@@ -76,24 +62,17 @@ def main(argv: list[str] | None = None) -> int:
     samples = make_samples(data.tp, data.recordings, cfg.data.crop_seconds, cfg.data.n_classes)
     workers = cfg.train.workers or os.cpu_count() or 1
     batch = cfg.train.batch_size
-    print(f"{cfg.name} preset, batch {batch}, {cfg.features.n_mels} x {cfg.features.frames} images, features "
-          f"{args.features}, mixed precision {cfg.train.mixed_precision}, distribute {cfg.train.distribute}; "
-          f"{tracking.device()}; {workers} data workers")
+    print(f"{cfg.name} preset, batch {batch}, {cfg.features.n_mels} x {cfg.features.frames} images, "
+          f"features.backend {cfg.features.backend}, mixed precision {cfg.train.mixed_precision}, "
+          f"distribute {cfg.train.distribute}; {tracking.device()}; {workers} data workers")
 
     keras.utils.set_random_seed(cfg.seed)
+    images_cfg = dataclasses.replace(cfg, features=dataclasses.replace(cfg.features, backend="numpy"))
     with precision_and_devices(cfg):
-        images_model = build(cfg, len(samples) // batch)
-        if args.features == "tensorflow":
-            batches = WaveformBatches(samples, data.recordings, cfg, workers=workers)
-            front = TFMelFeatures(cfg.features, cfg.data.sample_rate, cfg.augment.max_semitones,
-                                  cfg.augment.volume_mode)
-            model = waveform_model(images_model, front, cfg, len(batches.augmented(0, 0)[0]))
-        else:
-            batches = SpectrogramBatches(samples, data.recordings, cfg, training=True, workers=workers)
-            model = images_model
-    x, y = batches[0]
-    if args.features == "tensorflow":
-        x = front(x["audio"], x["semitones"], x["gain_db"])[..., None]  # the model alone gets ready images
+        images_model = build(images_cfg, len(samples) // batch)
+        model = build(cfg, len(samples) // batch) if cfg.features.backend != "numpy" else images_model
+    batches = make_batches(samples, data.recordings, cfg, training=True, workers=workers)
+    x, y = make_batches(samples, data.recordings, images_cfg, training=True)[0]
 
     start = time.perf_counter()
     for _ in range(args.warmup):
@@ -107,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(warm-up {time.perf_counter() - start:.0f} s)", file=sys.stderr)
 
     for i in range(len(samples)):  # a training run fills the cache in its first epoch
-        batches._training_waveform(i)
+        batches._window(i)
     times = StepTimes()
     t0 = time.perf_counter()
     model.fit(batches, epochs=1, shuffle=False, callbacks=[times], verbose=0)

@@ -44,6 +44,7 @@ class FeatureConfig:
     frames: int = 1876  # time axis after resizing
     top_db: float = 80.0  # dynamic range kept below each sample's loudest mel bin
     band_median: bool = False  # subtract each mel band's median level over the window (steady background)
+    backend: str = "numpy"  # numpy: data workers make the images | tensorflow: the model's first layer (GPU)
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,7 @@ _CHOICES = {
     "augment.shift_padding": ("replace", "zero"),
     "augment.volume_mode": ("uniform", "fade", "cosine", "sine"),
     "augment.domain": ("spectrogram", "waveform"),
+    "features.backend": ("numpy", "tensorflow"),
     "model.activation": ("softmax", "sigmoid"),
     "train.lr_schedule": ("constant", "cosine"),
 }
@@ -150,6 +152,8 @@ def _validate(cfg: Config) -> None:
     for key in ("features.n_mels", "features.frames"):
         if flat[key] < 32:
             raise ConfigError(f"{key} must be >= 32 (ResNet50 downsamples by 32); got {flat[key]}")
+    if cfg.features.backend == "tensorflow" and cfg.augment.enabled and cfg.augment.domain != "spectrogram":
+        raise ConfigError("features.backend: tensorflow needs augment.domain: spectrogram")
     if cfg.train.warmup_epochs and cfg.train.lr_schedule == "constant":
         raise ConfigError("train.warmup_epochs needs train.lr_schedule: cosine")
     if cfg.folds.n_splits < 2:

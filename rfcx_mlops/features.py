@@ -12,6 +12,7 @@ phase vocoder the waveform path runs.
 
 from __future__ import annotations
 
+import keras
 import librosa
 import numpy as np
 import scipy.fft
@@ -173,6 +174,31 @@ class TFMelFeatures:
         low = tf.reduce_min(db, axis=[1, 2], keepdims=True)
         span = tf.reduce_max(db, axis=[1, 2], keepdims=True) - low
         return tf.where(span > 0, (db - low) / tf.where(span > 0, span, 1.0), 0.0)
+
+
+@keras.saving.register_keras_serializable(package="rfcx_mlops")
+class MelFrontEnd(keras.layers.Layer):
+    """TFMelFeatures as the model's first layer (``features.backend: tensorflow``).
+
+    Takes ``{"audio": (batch, samples), "semitones": (batch,), "gain_db": (batch,)}``
+    and gives ``(batch, n_mels, frames, 1)`` images, always in float32.
+    """
+
+    def __init__(self, features: dict, sample_rate: int, max_semitones: int = 0, volume_mode: str = "uniform",
+                 **kwargs):
+        super().__init__(**{"dtype": "float32", **kwargs})
+        self.settings = {"features": features, "sample_rate": sample_rate, "max_semitones": max_semitones,
+                         "volume_mode": volume_mode}
+        self.mel = TFMelFeatures(FeatureConfig(**features), sample_rate, max_semitones, volume_mode)
+
+    def call(self, inputs):
+        return self.mel(inputs["audio"], inputs["semitones"], inputs["gain_db"])[..., None]
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape["audio"][0], self.mel.cfg.n_mels, self.mel.cfg.frames, 1)
+
+    def get_config(self):
+        return {**super().get_config(), **self.settings}
 
 
 def _median_last_axis(tf, x):

@@ -115,7 +115,8 @@ class SpectrogramBatches(keras.utils.PyDataset):
                 self._cache[i] = compute(i)
             return self._cache[i]
 
-    def _training_waveform(self, i: int) -> np.ndarray:
+    def _window(self, i: int) -> np.ndarray:
+        """Sample ``i``'s decoded window, from the cache after the first time."""
         if not self.cfg.train.cache_audio:
             return self.waveform(i)
         pcm = self._cached(i, lambda j: to_pcm16(self.waveform(j)))
@@ -142,7 +143,7 @@ class SpectrogramBatches(keras.utils.PyDataset):
     def augmented(self, i: int, epoch: int, repeat: int = 0) -> tuple[np.ndarray, dict]:
         """Sample ``i``'s waveform after the waveform-domain augmentations, and every drawn parameter."""
         rng = np.random.default_rng([self.cfg.seed, epoch, i, repeat])
-        return self.transform(self._training_waveform(i), rng)
+        return self.transform(self._window(i), rng)
 
     def _batch(self, index: int) -> list[tuple[int, int]]:
         """The (sample, repeat) pairs of batch ``index``."""
@@ -172,21 +173,25 @@ class SpectrogramBatches(keras.utils.PyDataset):
 
 
 class WaveformBatches(SpectrogramBatches):
-    """Training batches for the GPU path: ``{"audio", "semitones", "gain_db"}`` and targets.
+    """Batches for ``features.backend: tensorflow``: ``{"audio", "semitones", "gain_db"}`` and targets.
 
     The workers do the waveform half (cached window, noise, time shift) and draw the
-    spectrogram-domain pitch shift and volume; ``features.TFMelFeatures`` makes the images
-    where the model runs.  Needs ``augment.domain: spectrogram``.
+    spectrogram-domain pitch shift and volume; the model's ``MelFrontEnd`` makes the
+    images where the model runs.  Validation batches hold the clean windows, no shift.
     """
 
-    def __init__(self, samples: Samples, recordings: dict[str, AudioInfo], cfg: Config, workers: int = 1):
-        if cfg.augment.domain != "spectrogram":
+    def __init__(self, samples: Samples, recordings: dict[str, AudioInfo], cfg: Config, *, training: bool,
+                 workers: int = 1):
+        if training and cfg.augment.enabled and cfg.augment.domain != "spectrogram":
             raise ValueError("WaveformBatches needs augment.domain: spectrogram")
-        super().__init__(samples, recordings, cfg, training=True, workers=workers)
+        super().__init__(samples, recordings, cfg, training=training, workers=workers)
 
     def __getitem__(self, index: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
         batch = self._batch(index)
-        drawn = [self.augmented(i, self.epoch, repeat) for i, repeat in batch]
+        if self.training:
+            drawn = [self.augmented(i, self.epoch, repeat) for i, repeat in batch]
+        else:
+            drawn = [(self._window(i), {}) for i, _ in batch]
         spectral = [augment.spectral_params(params) for _, params in drawn]
         inputs = {"audio": np.stack([y for y, _ in drawn]),
                   "semitones": np.array([s["semitones"] for s in spectral], np.int32),
@@ -214,3 +219,10 @@ def reuse_freed_memory() -> None:
 def to_pcm16(y: np.ndarray) -> np.ndarray:
     """float in [-1, 1) -> int16, exact for audio decoded from 16-bit files (soundfile divides by 32768)."""
     return np.clip(np.round(y * 32768), -32768, 32767).astype(np.int16)
+
+
+def make_batches(samples: Samples, recordings: dict[str, AudioInfo], cfg: Config, *, training: bool,
+            workers: int = 1) -> SpectrogramBatches:
+    """The batches the configured model takes: images, or waveforms for ``features.backend: tensorflow``."""
+    kind = WaveformBatches if cfg.features.backend == "tensorflow" else SpectrogramBatches
+    return kind(samples, recordings, cfg, training=training, workers=workers)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import keras
 
 from rfcx_mlops.config import Config
+from rfcx_mlops.features import MelFrontEnd
 from rfcx_mlops.metrics import StreamingLWLRAP
 
 
@@ -34,11 +36,23 @@ def precision_and_devices(cfg: Config):
     return tf.distribute.MirroredStrategy().scope()
 
 
+def waveform_inputs(cfg: Config) -> dict:
+    """The inputs of a ``features.backend: tensorflow`` model: a window of audio and its spectral draws."""
+    samples = int(round(cfg.data.crop_seconds * cfg.data.sample_rate))
+    return {"audio": keras.Input((samples,), name="audio"), "semitones": keras.Input((), dtype="int32", name="semitones"),
+            "gain_db": keras.Input((), name="gain_db")}
+
+
 def build(cfg: Config, steps_per_epoch: int) -> keras.Model:
     """The compiled model.  Weights draw from Keras' global seed: set it first (``keras.utils.set_random_seed``)."""
     f, m = cfg.features, cfg.model
-    inputs = keras.Input(shape=(f.n_mels, f.frames, 1), name="mel")
-    backbone = keras.applications.ResNet50(include_top=False, weights=None, input_tensor=inputs)
+    if f.backend == "tensorflow":
+        inputs = waveform_inputs(cfg)
+        images = MelFrontEnd(dataclasses.asdict(f), cfg.data.sample_rate, cfg.augment.max_semitones,
+                             cfg.augment.volume_mode, name="mel")(inputs)
+    else:
+        inputs = images = keras.Input(shape=(f.n_mels, f.frames, 1), name="mel")
+    backbone = keras.applications.ResNet50(include_top=False, weights=None, input_tensor=images)
     x = keras.layers.GlobalAveragePooling2D()(backbone.output)
     x = keras.layers.BatchNormalization()(x)
     x = keras.layers.Dropout(m.dropout)(x)

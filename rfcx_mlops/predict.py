@@ -59,16 +59,20 @@ class Scorer:
         self.features = MelFeatures(cfg.features, self.sample_rate)
         self.n_classes = int(models[0].output_shape[-1])
 
-    def images(self, y: np.ndarray) -> np.ndarray:
+    def inputs(self, y: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
+        """The model input for every window of ``y``: images, or the windows themselves where the model makes them."""
         n = int(round(self.crop * self.sample_rate))
         y = np.pad(y, (0, max(0, n - len(y))))
         starts = window_starts(len(y) / self.sample_rate, self.crop, self.hop)
-        windows = [y[int(round(s * self.sample_rate)):][:n] for s in starts]
+        windows = np.stack([y[int(round(s * self.sample_rate)):][:n] for s in starts]).astype(np.float32)
+        if self.cfg.features.backend == "tensorflow":
+            return {"audio": windows, "semitones": np.zeros(len(windows), np.int32),
+                    "gain_db": np.zeros(len(windows), np.float32)}
         return np.stack([self.features(w) for w in windows])[..., None]
 
     def scores(self, y: np.ndarray) -> np.ndarray:
         """(n_classes,) float32: per model the maximum over windows, then the mean over models."""
-        x = self.images(y)
+        x = self.inputs(y)
         return np.mean([np.asarray(m.predict_on_batch(x)).max(axis=0) for m in self.models], axis=0)
 
     def read(self, path: str | Path) -> np.ndarray:

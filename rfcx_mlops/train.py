@@ -27,7 +27,7 @@ from sklearn.metrics import average_precision_score
 from rfcx_mlops import dataset, folds, predict, synth, tracking
 from rfcx_mlops.audio import AudioError
 from rfcx_mlops.config import Config, ConfigError, load, parse_sets
-from rfcx_mlops.generator import SpectrogramBatches, make_samples
+from rfcx_mlops.generator import SpectrogramBatches, make_batches, make_samples
 from rfcx_mlops.metrics import lwlrap
 from rfcx_mlops.model import build, precision_and_devices
 
@@ -118,10 +118,10 @@ def train_fold(cfg: Config, fold: int, *, resume: str | None = None, parent_run_
         raise ConfigError(f"fold {fold} of {cfg.folds.n_splits} leaves no training or no validation samples")
     sample_args = (data.recordings, cfg.data.crop_seconds, cfg.data.n_classes)
     workers = cfg.train.workers or os.cpu_count() or 1
-    train_batches = SpectrogramBatches(make_samples(train_events, *sample_args), data.recordings, cfg,
-                                       training=True, workers=workers)
-    val_batches = SpectrogramBatches(make_samples(val_events, *sample_args), data.recordings, cfg,
-                                     training=False, workers=workers)
+    train_batches = make_batches(make_samples(train_events, *sample_args), data.recordings, cfg, training=True,
+                                 workers=workers)
+    val_batches = make_batches(make_samples(val_events, *sample_args), data.recordings, cfg, training=False,
+                               workers=workers)
     log.info("fold %d: %d training and %d validation samples, %d steps an epoch", fold,
              len(train_batches.samples), len(val_batches.samples), len(train_batches))
 

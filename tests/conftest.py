@@ -29,11 +29,13 @@ COLUMNS = ["recording_id", "species_id", "songtype_id", "t_min", "f_min", "t_max
 
 @pytest.fixture(scope="session", autouse=True)
 def scratch_tmpdir(tmp_path_factory):
-    """Temporary files of the code under test, subprocesses' included, go under pytest's folder, which
-    pytest removes: a killed worker's checkpoints or MLflow's copy of a loaded model must not pile up in /tmp."""
+    """Temporary files of the processes the tests start go under pytest's folder, which pytest removes:
+    a killed worker's checkpoints or MLflow's copy of a loaded model must not pile up in /tmp."""
+    # This process keeps the folder it has: multiprocessing removes its own temporary folder there at
+    # exit, after pytest has removed its folder.
+    tempfile.gettempdir()
     patch = pytest.MonkeyPatch()
     patch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmp")))
-    patch.setattr(tempfile, "tempdir", None)  # tempfile caches the folder it picked first
     yield
     patch.undo()
 

@@ -103,3 +103,9 @@ def test_bad_files(tmp_path):
     (tmp_path / "nested.yaml").write_text("train: 3\n")
     with pytest.raises(ConfigError, match="train must be a mapping"):
         config.load(tmp_path / "nested.yaml")
+
+
+def test_images_in_the_model_need_spectrogram_augmentation():
+    with pytest.raises(ConfigError, match="features.backend: tensorflow needs augment.domain: spectrogram"):
+        config.load(None, {"features.backend": "tensorflow", "augment.domain": "waveform"})
+    assert config.load(None, {"features.backend": "tensorflow", "augment.enabled": False}).features.backend

@@ -3,14 +3,17 @@ augmentations against the waveform ones."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import colorednoise
+import keras
 import librosa
 import numpy as np
 import pytest
 from skimage.transform import resize
 
 from rfcx_mlops import augment, config
-from rfcx_mlops.features import MelFeatures, TFMelFeatures, mel_filterbank, resize_time
+from rfcx_mlops.features import MelFeatures, MelFrontEnd, TFMelFeatures, mel_filterbank, resize_time
 
 
 @pytest.fixture
@@ -157,3 +160,16 @@ def test_tensorflow_ops_give_the_numpy_images(overrides):
     expected = np.stack([ours(y, int(s), float(g)) for y, s, g in zip(audio, semitones, gains)])
     np.testing.assert_allclose(theirs(audio, semitones, gains).numpy(), expected, atol=2e-3)
     np.testing.assert_allclose(theirs(audio).numpy(), np.stack([ours(y) for y in audio]), atol=2e-3)
+
+
+def test_the_front_end_layer_saves_and_gives_the_numpy_images(tmp_path):
+    cfg = config.load(None, {"features.frames": 300})
+    layer = MelFrontEnd(dataclasses.asdict(cfg.features), SR, 5, "sine")
+    inputs = {"audio": keras.Input((SR,), name="audio"), "semitones": keras.Input((), dtype="int32", name="semitones"),
+              "gain_db": keras.Input((), name="gain_db")}
+    keras.Model(inputs, layer(inputs)).save(tmp_path / "front.keras")
+    reloaded = keras.models.load_model(tmp_path / "front.keras")
+    y = tone(3000.0, seconds=1.0)[None]
+    images = reloaded({"audio": y, "semitones": np.array([2]), "gain_db": np.array([4.0], np.float32)})
+    expected = MelFeatures(cfg.features, SR, 5, "sine")(y[0], 2, 4.0)
+    np.testing.assert_allclose(np.asarray(images)[0, ..., 0], expected, atol=2e-3)

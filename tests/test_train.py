@@ -15,6 +15,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from rfcx_mlops import config
+from rfcx_mlops.predict import Scorer
 from rfcx_mlops.train import train_fold
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,3 +170,17 @@ def test_mixed_precision_on_a_distribution_strategy(tiny_data, tracking, tmp_pat
     conv = next(layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D))
     assert conv.compute_dtype == "float16" and conv.variable_dtype == "float32"
     assert model.get_layer("species").compute_dtype == "float32"
+
+
+def test_images_made_in_the_model(tiny_data, tracking, tmp_path):
+    """features.backend: tensorflow trains on waveforms; its checkpoint reloads and scores recordings."""
+    cfg = tiny_cfg(tiny_data, **{"train.epochs": 1, "features.backend": "tensorflow"})
+    result = train_fold(cfg, 1)
+    assert np.isfinite(result.best_val_lwlrap)
+    model = keras.models.load_model(MlflowClient().download_artifacts(result.run_id, "checkpoints/best.keras",
+                                                                       str(tmp_path)), compile=False)
+    assert set(model.input) == {"audio", "semitones", "gain_db"} and model.get_layer("mel").dtype == "float32"
+    scorer = Scorer([model], cfg)
+    y = scorer.read(next((tiny_data / "train").glob("*.flac")))
+    scores = scorer.scores(y)
+    assert scores.shape == (24,) and np.all(np.isfinite(scores))
