@@ -90,6 +90,8 @@ class TrainConfig:
     run_eagerly: bool = False  # skips graph tracing: only for tiny smoke runs
     mixed_precision: bool = False  # float16 compute, float32 weights and outputs: for GPUs with tensor cores
     distribute: bool = False  # tf.distribute.MirroredStrategy: each batch split over every local GPU
+    keep_checkpoint: str = "until_finished"  # until_finished: a finished run keeps its model only | always: + last.keras
+    system_metrics: bool = False  # MLflow system metrics (CPU, memory; GPU with nvidia-ml-py) every 10 s
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,7 @@ _CHOICES = {
     "features.backend": ("numpy", "tensorflow"),
     "model.activation": ("softmax", "sigmoid"),
     "train.lr_schedule": ("constant", "cosine"),
+    "train.keep_checkpoint": ("until_finished", "always"),
 }
 _POSITIVE = (
     "data.sample_rate", "data.n_classes", "data.crop_seconds", "data.demo_recordings",

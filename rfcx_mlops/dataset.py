@@ -27,6 +27,9 @@ TP_FILE = "train_tp.csv"
 FP_FILE = "train_fp.csv"
 SUBMISSION_FILE = "sample_submission.csv"
 COLUMNS = ("recording_id", "species_id", "songtype_id", "t_min", "f_min", "t_max", "f_max")
+# The validated tables' dtypes; an empty table keeps them (pandas would make empty columns str).
+DTYPES = {"recording_id": "str", "species_id": "int64", "songtype_id": "int64", "t_min": "float64",
+          "f_min": "float64", "t_max": "float64", "f_max": "float64", "line": "int64"}
 # Annotations are given to a few milliseconds; a box may end a hair past the last frame.
 _DURATION_TOLERANCE_S = 0.01
 
@@ -44,6 +47,24 @@ class Dataset:
     test: dict[str, AudioInfo]
 
 
+def no_events() -> pd.DataFrame:
+    """An events table with no rows and the validated tables' dtypes."""
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in DTYPES.items()})
+
+
+def plain_file_name(recording_id: str) -> bool:
+    """A recording id names a file inside its folder: no separators, no ``..``, not absolute."""
+    return recording_id not in ("", ".", "..") and not any(c in recording_id for c in "/\\\0")
+
+
+def check_recording_id(recording_id: str, where: str) -> str:
+    """``recording_id`` if it is a plain file name, else a ``DataError`` naming it and ``where`` it came from."""
+    if not plain_file_name(recording_id):
+        raise DataError(f"{where}: recording_id {recording_id!r} is not a plain file name "
+                        "(no folders, '..' or absolute paths)")
+    return recording_id
+
+
 def find_audio(folder: Path, recording_id: str) -> Path | None:
     for suffix in AUDIO_SUFFIXES:
         path = folder / f"{recording_id}{suffix}"
@@ -56,27 +77,32 @@ def read_events(path: Path, n_classes: int, sample_rate: int) -> tuple[pd.DataFr
     """The rows of a train_tp/train_fp CSV that pass every check, and one line per problem found."""
     name = path.name
     try:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+        # Read without a header, so that a row with an extra field is an error rather than
+        # silently turning the first column into pandas' index.
+        cells = pd.read_csv(path, header=None, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        return pd.DataFrame(columns=[*COLUMNS, "line"]), [f"{name}: not a readable CSV ({exc})"]
+        return no_events(), [f"{name}: not a readable CSV ({str(exc).strip().splitlines()[0]})"]
+    raw = cells.iloc[1:].set_axis(cells.iloc[0].tolist(), axis=1).reset_index(drop=True)
     missing = [c for c in COLUMNS if c not in raw.columns]
     if missing:
-        return pd.DataFrame(columns=[*COLUMNS, "line"]), [f"{name}: missing column(s) {', '.join(missing)}"]
-    df = pd.DataFrame({"recording_id": raw["recording_id"].str.strip()})
+        return no_events(), [f"{name}: missing column(s) {', '.join(missing)}"]
+    df = pd.DataFrame({"recording_id": raw["recording_id"].astype("str").str.strip()})
     for col in COLUMNS[1:]:
-        df[col] = pd.to_numeric(raw[col].str.strip(), errors="coerce")
-    df["line"] = np.arange(len(df)) + 2
-    problems: list[str] = []
+        df[col] = pd.to_numeric(raw[col].astype("str").str.strip(), errors="coerce").astype("float64")
+    df["line"] = np.arange(len(df), dtype=np.int64) + 2
+    problems: list[tuple[int, str]] = []
     bad = np.zeros(len(df), dtype=bool)
 
     def flag(mask: pd.Series, message) -> None:
         nonlocal bad
-        mask = mask.to_numpy() & ~bad  # one problem per row: the first one found
+        mask = mask.to_numpy(dtype=bool) & ~bad  # one problem per row: the first one found
         for i in np.flatnonzero(mask):
-            problems.append(f"{name} line {df['line'].iat[i]}: {message(df.iloc[i], raw.iloc[i])}")
+            problems.append((i, f"{name} line {df['line'].iat[i]}: {message(df.iloc[i], raw.iloc[i])}"))
         bad |= mask
 
     flag(df["recording_id"] == "", lambda r, s: "empty recording_id")
+    flag(~df["recording_id"].map(plain_file_name).astype(bool),
+         lambda r, s: f"recording_id {r.recording_id!r} is not a plain file name (no folders, '..' or absolute paths)")
     for col in COLUMNS[1:]:
         flag(df[col].isna(), lambda r, s, col=col: f"{col} is {s[col]!r}, not a number")
     flag(df["species_id"] % 1 != 0, lambda r, s: f"species_id {s['species_id']} is not a whole number")
@@ -92,10 +118,8 @@ def read_events(path: Path, n_classes: int, sample_rate: int) -> tuple[pd.DataFr
         df["f_max"] > sample_rate / 2,
         lambda r, s: f"f_max {r.f_max} Hz is above the Nyquist frequency {sample_rate / 2:g} Hz",
     )
-    good = df[~bad].copy()
-    good["species_id"] = good["species_id"].astype(int)
-    good["songtype_id"] = good["songtype_id"].astype(int)
-    return good.reset_index(drop=True), problems
+    good = df[~bad].astype(DTYPES).reset_index(drop=True)
+    return good, [line for _, line in sorted(problems, key=lambda p: p[0])]
 
 
 def _probe_all(folder: Path, ids, progress: bool) -> tuple[dict[str, AudioInfo], list[str]]:
@@ -119,7 +143,7 @@ def _probe_all(folder: Path, ids, progress: bool) -> tuple[dict[str, AudioInfo],
 
 
 def _check_durations(df: pd.DataFrame, name: str, infos: dict[str, AudioInfo]) -> tuple[pd.DataFrame, list[str]]:
-    duration = df["recording_id"].map({k: v.duration for k, v in infos.items()})
+    duration = df["recording_id"].map({k: v.duration for k, v in infos.items()}).astype("float64")
     present = duration.notna()
     too_long = present & (df["t_max"] > duration + _DURATION_TOLERANCE_S)
     problems = [
@@ -145,7 +169,7 @@ def scan(data_dir: str | Path, n_classes: int, sample_rate: int, *, with_test: b
         else:
             if required:
                 problems.append(f"{data_dir / name}: missing (the labelled calls are read from it)")
-            tables[name] = pd.DataFrame(columns=[*COLUMNS, "line"])
+            tables[name] = no_events()
     ids = set(tables[TP_FILE]["recording_id"]) | set(tables[FP_FILE]["recording_id"])
     recordings, found = _probe_all(data_dir / "train", ids, progress)
     problems += found
@@ -190,9 +214,9 @@ def summary(dataset: Dataset) -> str:
     lines = [f"data folder: {dataset.data_dir}"]
     lines.append(f"{TP_FILE}: {len(tp)} calls in {tp['recording_id'].nunique()} recordings, "
                  f"{tp['species_id'].nunique()} species")
-    per_species = tp.groupby("species_id").size()
-    lines.append("calls per species: " + ", ".join(f"{k}:{v}" for k, v in per_species.items()))
     if len(tp):
+        per_species = tp.groupby("species_id").size()
+        lines.append("calls per species: " + ", ".join(f"{k}:{v}" for k, v in per_species.items()))
         dur = tp["t_max"] - tp["t_min"]
         lines.append(f"call duration: min {dur.min():.2f} s, median {dur.median():.2f} s, max {dur.max():.2f} s")
         n_species = tp.groupby("recording_id")["species_id"].nunique()

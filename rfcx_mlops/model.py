@@ -75,3 +75,13 @@ def build(cfg: Config, steps_per_epoch: int) -> keras.Model:
         metrics=[StreamingLWLRAP(cfg.data.n_classes)],
     )
     return model
+
+
+def weights_only(model: keras.Model, weights: list) -> keras.Model:
+    """An uncompiled model of ``model``'s architecture holding ``weights``: saved, it has no optimizer state.
+
+    ``keras.models.clone_model`` would not do: its clone shares the original's optimizer and saves its slots.
+    """
+    copy = type(model).from_config(model.get_config())
+    copy.set_weights(weights)
+    return copy

@@ -1,8 +1,9 @@
 """A plain table of an experiment's runs: ``python -m rfcx_mlops.report [--experiment rfcx]``.
 
 One row per run (folds, cross-validation runs, studies and their trials), oldest first:
-preset, fold, best val_lwlrap, best epoch, epochs trained, wall time.  The same rows
-go to a CSV for spreadsheets and scripts.
+preset, fold, best val_lwlrap, best epoch, epochs trained, wall time, and the megabytes of
+artifacts it keeps (its own and its logged model's).  The same rows go to a CSV for
+spreadsheets and scripts.
 """
 
 from __future__ import annotations
@@ -13,12 +14,26 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 
 from rfcx_mlops.config import DEFAULT_EXPERIMENT
 
 COLUMNS = ["run_id", "run_name", "status", "preset", "fold", "best_val_lwlrap", "best_epoch", "epochs",
-           "wall_time_s", "started"]
+           "wall_time_s", "artifacts_mb", "started"]
+
+
+def _tree_bytes(repo, path: str | None = None) -> int:
+    return sum(_tree_bytes(repo, f.path) if f.is_dir else (f.file_size or 0) for f in repo.list_artifacts(path))
+
+
+def artifact_bytes(client: MlflowClient, run: mlflow.entities.Run) -> int:
+    """What a run keeps in the artifact store: its own artifacts and those of the models it logged."""
+    total = _tree_bytes(get_artifact_repository(run.info.artifact_uri))
+    for model in client.search_logged_models([run.info.experiment_id],
+                                             filter_string=f"source_run_id = '{run.info.run_id}'"):
+        total += _tree_bytes(get_artifact_repository(model.artifact_location))
+    return total
 
 
 def runs_table(experiment: str) -> pd.DataFrame:
@@ -41,6 +56,7 @@ def runs_table(experiment: str) -> pd.DataFrame:
             "best_epoch": data.metrics.get("best_epoch"),
             "epochs": data.tags.get("checkpoint_epoch", ""),
             "wall_time_s": None if end is None else round((end - info.start_time) / 1000, 1),
+            "artifacts_mb": round(artifact_bytes(client, run) / 1e6, 1),
             "started": pd.Timestamp(info.start_time, unit="ms", tz="UTC").strftime("%Y-%m-%d %H:%M"),
         })
     return pd.DataFrame(rows, columns=COLUMNS)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -16,9 +15,12 @@ import numpy as np
 import pandas as pd
 import yaml
 from matplotlib.figure import Figure  # drawn without pyplot: no global backend or figure state
+from mlflow.entities import Metric, RunTag
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
 from rfcx_mlops.config import DEFAULT_EXPERIMENT, Config, flatten, from_dict, to_yaml
 from rfcx_mlops.metrics import lwlrap
+from rfcx_mlops.model import weights_only
 
 CHECKPOINT_DIR = "checkpoints"
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -83,35 +85,50 @@ def log_config(cfg: Config) -> None:
     mlflow.log_text(to_yaml(cfg), "config.yaml")
 
 
+def log_dataset(data_dir: Path, digest: str, is_demo: bool) -> None:
+    """The data folder as the run's training input: the run page shows its name, digest and path."""
+    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    name = f"rfcx-demo-{data_dir.name}" if is_demo else data_dir.resolve().name
+    mlflow.log_input(MetaDataset(LocalArtifactDatasetSource(str(data_dir.resolve())), name=name, digest=digest),
+                     context="training")
+
+
 def logged_config(run: mlflow.entities.Run) -> Config:
     """The config ``run`` was started with, read back from its config.yaml (MlflowException where it has none)."""
     return from_dict(yaml.safe_load(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.yaml")))
 
 
-def _save(model: keras.Model, folder: Path, name: str, source: Path | None = None) -> Path:
+def _save(model: keras.Model, folder: Path, name: str) -> Path:
     """Write ``name``.keras under a temporary name, rename it into place, then log it.
 
     The checkpoint in the artifact store is replaced only by a complete file.
     """
     final, tmp = folder / f"{name}.keras", folder / f".{name}.partial.keras"
-    if source is None:
-        model.save(tmp)
-    else:
-        shutil.copyfile(source, tmp)
+    model.save(tmp)
     os.replace(tmp, final)
     mlflow.log_artifact(str(final), CHECKPOINT_DIR)
     return final
 
 
 class EpochLogger(keras.callbacks.Callback):
-    """Per-epoch metrics with step = epoch number (from 1), and the checkpoints: last always, best on improvement."""
+    """Per-epoch metrics with step = epoch number (from 1), and the checkpoints a killed run resumes from.
 
-    def __init__(self, n_train_samples: int, folder: Path, *, best_so_far: float = -np.inf, best_epoch: int = 0):
+    ``checkpoints/last.keras`` (weights and optimizer state) is replaced every epoch.  The best
+    epoch's weights live in it as long as it is the last epoch; when a worse epoch is about to
+    replace it, they are written first to ``checkpoints/best.keras`` (weights only).  So no
+    epoch's weights are stored twice, and ``best_weights`` always holds the best epoch's.
+    """
+
+    def __init__(self, n_train_samples: int, folder: Path, *, best_so_far: float = -np.inf, best_epoch: int = 0,
+                 best_weights: list[np.ndarray] | None = None):
         super().__init__()
         self.n_train_samples = n_train_samples
         self.folder = folder
         self.best = best_so_far
         self.best_epoch = best_epoch
+        self.best_weights = best_weights
         self._started = self._trained = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -134,15 +151,33 @@ class EpochLogger(keras.callbacks.Callback):
             "epoch_seconds": now - self._started,
             "samples_per_second": self.n_train_samples / max(self._trained - self._started, 1e-9),
         }
-        # The last checkpoint, this epoch's metrics and the tag resume reads go out together,
-        # before the (optional) best checkpoint, so an interruption between them loses nothing.
-        last = _save(self.model, self.folder, "last")
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None}, step=step)
-        mlflow.set_tag("checkpoint_epoch", step)
+        if not val > self.best and self.best_epoch == step - 1 and self.best_weights is not None:
+            _save(weights_only(self.model, self.best_weights), self.folder, "best")
+        _save(self.model, self.folder, "last")
         if val > self.best:
-            self.best, self.best_epoch = val, step
-            _save(self.model, self.folder, "best", source=last)
-            mlflow.set_tag("best_epoch", step)
+            self.best, self.best_epoch, self.best_weights = val, step, self.model.get_weights()
+        # This epoch's metrics and the tags resume reads go out in one call, after the checkpoint:
+        # an interruption anywhere leaves a run that resumes from a consistent epoch.
+        timestamp = int(time.time() * 1000)
+        mlflow.tracking.MlflowClient().log_batch(
+            mlflow.active_run().info.run_id,
+            metrics=[Metric(k, float(v), timestamp, step) for k, v in metrics.items() if v is not None],
+            tags=[RunTag("checkpoint_epoch", str(step)), RunTag("best_epoch", str(self.best_epoch))])
+
+
+def best_weights(run_id: str, best_epoch: int, last: keras.Model, folder: Path) -> list[np.ndarray] | None:
+    """The best epoch's weights of a run resumed from ``last``: ``last``'s own, or its best.keras checkpoint's."""
+    if best_epoch == 0:
+        return None
+    if best_epoch == int(mlflow.get_run(run_id).data.tags.get("checkpoint_epoch", 0)):
+        return last.get_weights()
+    return keras.models.load_model(download_checkpoint(run_id, "best", folder), compile=False).get_weights()
+
+
+def drop_checkpoints(run_id: str, keep_last: bool) -> None:
+    """A finished or abandoned run is not resumed: its checkpoints go (``keep_last``: all but last.keras)."""
+    repo = get_artifact_repository(mlflow.get_run(run_id).info.artifact_uri)
+    repo.delete_artifacts(f"{CHECKPOINT_DIR}/best.keras" if keep_last else CHECKPOINT_DIR)
 
 
 def augmentation_grid(before: list[np.ndarray], after: list[np.ndarray], titles: list[str],

@@ -24,12 +24,12 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score
 
-from rfcx_mlops import dataset, folds, predict, synth, tracking
+from rfcx_mlops import dataset, folds, serve, synth, tracking
 from rfcx_mlops.audio import AudioError
 from rfcx_mlops.config import Config, ConfigError, load, parse_sets
 from rfcx_mlops.generator import SpectrogramBatches, make_batches, make_samples
 from rfcx_mlops.metrics import lwlrap
-from rfcx_mlops.model import build, precision_and_devices
+from rfcx_mlops.model import build, precision_and_devices, weights_only
 
 log = logging.getLogger("rfcx_mlops.train")
 USER_ERRORS = (ConfigError, dataset.DataError, AudioError)
@@ -106,8 +106,13 @@ def _validation_scores(model: keras.Model, batches: SpectrogramBatches, fold: in
 
 
 def train_fold(cfg: Config, fold: int, *, resume: str | None = None, parent_run_id: str | None = None,
-               callbacks: tuple[keras.callbacks.Callback, ...] = (), tags: dict[str, str] | None = None) -> FoldResult:
-    """Train ``fold`` (1..n_splits) of ``cfg`` in an MLflow run; ``resume`` continues an earlier run by its id."""
+               callbacks: tuple[keras.callbacks.Callback, ...] = (), tags: dict[str, str] | None = None,
+               log_model: bool = True) -> FoldResult:
+    """Train ``fold`` (1..n_splits) of ``cfg`` in an MLflow run; ``resume`` continues an earlier run by its id.
+
+    A finished run keeps the best epoch's weights as its servable model (unless ``log_model`` is
+    false) and drops the checkpoints it could have resumed from (``train.keep_checkpoint``).
+    """
     if not 1 <= fold <= cfg.folds.n_splits:
         raise ConfigError(f"fold must be within 1..{cfg.folds.n_splits} (folds.n_splits); got {fold}")
     data_dir, is_demo = resolve_data_dir(cfg)
@@ -125,8 +130,12 @@ def train_fold(cfg: Config, fold: int, *, resume: str | None = None, parent_run_
     log.info("fold %d: %d training and %d validation samples, %d steps an epoch", fold,
              len(train_batches.samples), len(val_batches.samples), len(train_batches))
 
+    if resume and f"{tracking.CHECKPOINT_DIR}/last.keras" not in {
+            a.path for a in mlflow.MlflowClient().list_artifacts(resume, tracking.CHECKPOINT_DIR)}:
+        raise ConfigError(f"resume: run {resume} has no checkpoint: it stopped before its first epoch ended; "
+                          "start a new run")
     run = mlflow.start_run(run_id=resume, run_name=f"{cfg.name}-fold{fold}", parent_run_id=parent_run_id,
-                           nested=parent_run_id is not None)
+                           nested=parent_run_id is not None, log_system_metrics=cfg.train.system_metrics)
     run_id = run.info.run_id
     scratch = tempfile.TemporaryDirectory(prefix="rfcx-run-")
     folder = Path(scratch.name)
@@ -136,18 +145,22 @@ def train_fold(cfg: Config, fold: int, *, resume: str | None = None, parent_run_
         if resume:
             with devices:
                 model = keras.models.load_model(tracking.download_checkpoint(run_id, "last", folder / "resume"))
+            initial_epoch = int(run.data.tags.get("checkpoint_epoch", 0))
+            best_epoch = int(run.data.tags.get("best_epoch", 0))
             history = mlflow.tracking.MlflowClient().get_metric_history(run_id, "val_lwlrap")
-            initial_epoch = int(run.data.tags.get("checkpoint_epoch", len(history)))
-            best = max(((m.value, m.step) for m in history if m.step <= initial_epoch), default=(-np.inf, 0))
+            best = next((m.value for m in history if m.step == best_epoch), -np.inf)
+            best_weights = tracking.best_weights(run_id, best_epoch, model, folder / "best")
             train_batches.set_epoch(initial_epoch)
-            log.info("resuming run %s after epoch %d (best val_lwlrap %.4f)", run_id, initial_epoch, best[0])
+            log.info("resuming run %s after epoch %d (best val_lwlrap %.4f)", run_id, initial_epoch, best)
         else:
             tracking.log_config(cfg)
+            digest = dataset.fingerprint(data_dir)
             mlflow.set_tags({
                 "mlflow.runName": f"{cfg.name}-fold{fold}", "fold": fold, "preset": cfg.name,
-                "git_commit": tracking.git_commit(), "dataset_fingerprint": dataset.fingerprint(data_dir),
+                "git_commit": tracking.git_commit(), "dataset_fingerprint": digest,
                 "data_dir": str(data_dir.resolve()), "demo_data": is_demo, "device": tracking.device(), **(tags or {}),
             })
+            tracking.log_dataset(data_dir, digest, is_demo)
             if is_demo:
                 log.info("training on the built-in demo data set (%s); tag demo_data=True", data_dir)
             csv = folds.write_csv(data.tp, cfg.folds.n_splits, cfg.seed, folder / "folds.csv")
@@ -155,22 +168,23 @@ def train_fold(cfg: Config, fold: int, *, resume: str | None = None, parent_run_
             _augmentation_grid(train_batches)
             with devices:
                 model = build(cfg, len(train_batches))
-            initial_epoch, best = 0, (-np.inf, 0)
-        logger = tracking.EpochLogger(train_batches.samples_per_epoch, folder, best_so_far=best[0],
-                                      best_epoch=best[1])
+            initial_epoch, best_epoch, best, best_weights = 0, 0, -np.inf, None
+        logger = tracking.EpochLogger(train_batches.samples_per_epoch, folder, best_so_far=best,
+                                      best_epoch=best_epoch, best_weights=best_weights)
         model.run_eagerly = cfg.train.run_eagerly
         # The batches shuffle themselves from the seed; Keras' own shuffle would use Python's global RNG.
         model.fit(train_batches, validation_data=val_batches, epochs=cfg.train.epochs, initial_epoch=initial_epoch,
                   shuffle=False, callbacks=[logger, *callbacks], verbose=1 if sys.stdout.isatty() else 2)
-        if logger.best_epoch == 0:
+        if logger.best_weights is None:
             raise RuntimeError("no epoch produced a finite val_lwlrap")
-        best_model = keras.models.load_model(folder / "best.keras") if (folder / "best.keras").exists() else \
-            keras.models.load_model(tracking.download_checkpoint(run_id, "best", folder / "best"))
+        best_model = weights_only(model, logger.best_weights)
         ap, predictions = _validation_scores(best_model, val_batches, fold)
         check = lwlrap(val_batches.samples.labels, predictions.filter(regex=r"^s\d+$").to_numpy())
         tracking.log_species_ap(ap, f"Per-species validation average precision, best epoch ({logger.best_epoch})")
-        predict.log_servable(best_model, cfg, folder)
+        if log_model:
+            serve.log_servable(best_model, cfg, folder)
         mlflow.log_metrics({"best_val_lwlrap": logger.best, "best_epoch": logger.best_epoch})
+        tracking.drop_checkpoints(run_id, keep_last=cfg.train.keep_checkpoint == "always")
         log.info("fold %d: best val_lwlrap %.4f at epoch %d (recomputed with scikit-learn: %.4f)", fold,
                  logger.best, logger.best_epoch, check)
     except KeyboardInterrupt:
@@ -274,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"resume continues run {args.resume} with its own config; drop "
                                   + ", ".join(sorted(overrides)))
             cfg = resumed_config(args.resume)
+            if mlflow.get_run(args.resume).info.status == "FINISHED":
+                print(f"run {args.resume} has finished: nothing left to train")
+                return 0
             launcher = os.environ.pop("MLFLOW_RUN_ID", None)
             if launcher and launcher != args.resume:
                 # `mlflow run` opened a run of its own for this invocation: point it at the resumed one.

@@ -24,17 +24,16 @@ import keras
 import mlflow
 import numpy as np
 import optuna
-import sqlalchemy
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from rfcx_mlops import dataset, tracking, train
+from rfcx_mlops.study import open_study, redact
 from rfcx_mlops.config import Config, ConfigError, flatten, from_dict, load, parse_sets, read_yaml, to_dict, to_yaml
 
 log = logging.getLogger("rfcx_mlops.tune")
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 DEFAULT_SEARCH = "experiments/search.yaml"
-SCHEMES = ("sqlite", "postgresql")
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # what --n-trials counts; a failed trial is not counted
 MAX_FAILURES_IN_A_ROW = 3
 
@@ -134,14 +133,6 @@ def with_values(cfg: Config, values: dict[str, Any]) -> Config:
     return from_dict(nested)
 
 
-def redact(url: str) -> str:
-    """The storage URL without its password (it lands in tags and logs)."""
-    try:
-        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except sqlalchemy.exc.ArgumentError:
-        return url.split("://")[0] + "://..."
-
-
 def _trial_runs(parent_run_id: str, study: str, number: int) -> list[mlflow.entities.Run]:
     """The MLflow runs of one trial (a trial run, or a trial run and its folds' runs), found by their tags."""
     client = MlflowClient()
@@ -165,35 +156,12 @@ class _RequeueStale:
             runs = _trial_runs(parent, study.study_name, trial.number)
             for run in runs:
                 client.set_tag(run.info.run_id, "trial_state", TrialState.FAIL.name)
+                tracking.drop_checkpoints(run.info.run_id, keep_last=False)  # the trial runs again from scratch
             for run in [client.get_run(parent), *runs]:
                 if run.info.status == "RUNNING":
                     client.set_tag(run.info.run_id, "failure_reason", reason)
                     client.set_terminated(run.info.run_id, "KILLED")
         self._retry(study, trial)
-
-
-def open_storage(url: str, heartbeat: int) -> optuna.storages.RDBStorage:
-    scheme = url.split("://", 1)[0].split("+", 1)[0] if "://" in url else ""
-    if scheme not in SCHEMES:
-        raise ConfigError(f"--storage {redact(url)}: unknown scheme {scheme or url!r}; use "
-                          "sqlite:///FILE (one worker) or postgresql://USER:PASSWORD@HOST/DB (many)")
-    engine_kwargs = {"connect_args": {"connect_timeout": 10}} if scheme == "postgresql" else {}
-
-    def connect() -> optuna.storages.RDBStorage:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
-                                              grace_period=3 * heartbeat,
-                                              heartbeat_stale_trial_callback=_RequeueStale())
-    try:
-        try:
-            return connect()
-        except sqlalchemy.exc.IntegrityError:
-            # Workers opening a new database together race to create Optuna's tables; the loser finds them made.
-            return connect()
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        raise ConfigError(f"--storage {redact(url)}: cannot open the database ({reason})") from None
 
 
 class _Reporter(keras.callbacks.Callback):
@@ -214,7 +182,8 @@ class _Reporter(keras.callbacks.Callback):
 
 
 def _state_tag(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """After Optuna records a trial: its final state (and error) on each of its MLflow runs.
+    """After Optuna records a trial: its final state (and error) on each of its MLflow runs; a failed
+    trial's checkpoints go (it is never resumed).
 
     A trial that failed before training started gets a FAILED run of its own, so that every
     trial shows in the UI.
@@ -236,13 +205,16 @@ def _state_tag(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     for run in runs:
         for key, value in tags.items():
             client.set_tag(run.info.run_id, key, value)
+        if trial.state == TrialState.FAIL:  # a failed trial is not resumed: its draw is queued anew or dropped
+            tracking.drop_checkpoints(run.info.run_id, keep_last=False)
 
 
 class Objective:
     """One trial: draw values, train each fold in nested MLflow runs, return the mean best val_lwlrap."""
 
-    def __init__(self, cfg: Config, folds: list[int], space: SearchSpace, parent_run_id: str, study_name: str):
-        self.cfg, self.folds, self.space = cfg, folds, space
+    def __init__(self, cfg: Config, folds: list[int], space: SearchSpace, parent_run_id: str, study_name: str,
+                 keep_models: bool):
+        self.cfg, self.folds, self.space, self.keep_models = cfg, folds, space, keep_models
         self.parent_run_id, self.study_name = parent_run_id, study_name
         self.current: optuna.Trial | None = None
 
@@ -271,7 +243,8 @@ class Objective:
 
     def _fold(self, trial, cfg, fold, index, parent, tags) -> tuple[float, int | None]:
         reporter = _Reporter(trial, index * cfg.train.epochs)
-        result = train.train_fold(cfg, fold, parent_run_id=parent, callbacks=(reporter,), tags=tags)
+        result = train.train_fold(cfg, fold, parent_run_id=parent, callbacks=(reporter,), tags=tags,
+                                  log_model=self.keep_models)
         return result.best_val_lwlrap, reporter.pruned_at
 
     def _folds(self, trial, cfg, tags) -> tuple[float, int | None]:
@@ -358,6 +331,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--search", default=DEFAULT_SEARCH, help=f"search space file (default {DEFAULT_SEARCH})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key for every trial, e.g. --set train.epochs=10 (repeatable)")
+    p.add_argument("--keep-models", action="store_true",
+                   help="log each trial's servable model (about 100 MB each for ResNet50); by default trials keep "
+                        "their metrics and plots, and the best configuration is retrained")
     p.add_argument("--heartbeat", type=int, default=60,
                    help="seconds between a running trial's heartbeats; a trial silent for 3 of them is "
                         "taken as lost and queued again (default 60)")
@@ -389,23 +365,14 @@ def run(args: argparse.Namespace) -> int:
     data_dir, _ = train.resolve_data_dir(cfg)
     dataset.load(data_dir, cfg.data.n_classes, cfg.data.sample_rate)  # bad data fails here, not in every trial
 
-    storage = open_storage(args.storage, args.heartbeat)
-    name = args.study_name or cfg.name
-    existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
-    if name in existing and existing[name].direction != optuna.study.StudyDirection.MAXIMIZE:
-        raise ConfigError(f"study {name!r} in {redact(args.storage)} exists with direction "
-                          f"{existing[name].direction.name.lower()}; val_lwlrap is maximized: pick another "
-                          "--study-name")
-    n_existing = existing[name].n_trials if name in existing else 0
-    sampler = optuna.samplers.TPESampler(seed=_sampler_seed(cfg.seed, args.storage, n_existing),
-                                         n_startup_trials=space.sampler_startup_trials)
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=space.pruner_startup_trials,
-                                         n_warmup_steps=space.pruner_warmup_epochs)
-    study = optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=sampler,
-                                pruner=pruner, load_if_exists=True)
     preset = flatten(cfg)
-    study.enqueue_trial({r.key: preset[r.key] for r in space.ranges}, user_attrs={"preset": True},
-                        skip_if_exists=True)
+    study = open_study(
+        args.storage, args.study_name or cfg.name, heartbeat=args.heartbeat, stale_trial=_RequeueStale(),
+        first_trial={r.key: preset[r.key] for r in space.ranges},
+        sampler_for=lambda n_existing: optuna.samplers.TPESampler(
+            seed=_sampler_seed(cfg.seed, args.storage, n_existing), n_startup_trials=space.sampler_startup_trials),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=space.pruner_startup_trials,
+                                           n_warmup_steps=space.pruner_warmup_epochs))
     return optimize(study, cfg, folds, space, args, overrides)
 
 
@@ -423,7 +390,7 @@ def optimize(study: optuna.Study, cfg: Config, folds: list[int], space: SearchSp
                            "tune.search": args.search, "tune.config": args.config})
         mlflow.log_text(to_yaml(cfg), "config.yaml")
         mlflow.log_text(Path(args.search).read_text(), "search.yaml")
-        objective = Objective(cfg, folds, space, parent.info.run_id, study.study_name)
+        objective = Objective(cfg, folds, space, parent.info.run_id, study.study_name, args.keep_models)
         failures = _FailureLimit(MAX_FAILURES_IN_A_ROW)
         if remaining > 0:
             log.info("study %s: %d of %d trials done", study.study_name, counted, args.n_trials)

@@ -46,6 +46,65 @@ def test_bad_rows_are_named_by_line(tmp_path, good_rows, row, expected):
     assert problems[0].startswith(expected)
 
 
+@pytest.mark.parametrize("recording_id", ["../secret", "/etc/passwd", "sub/rec2", "..", ".", "sub\\rec2"])
+def test_recording_ids_must_be_plain_file_names(tmp_path, good_rows, recording_id):
+    folder = make_data_dir(tmp_path, good_rows)
+    (tmp_path / "secret.flac").write_bytes((folder / "train" / "rec0.flac").read_bytes())
+    with open(folder / "train_tp.csv", "a") as f:
+        f.write(f"{recording_id},2,1,1.0,500.0,2.0,900.0\n")
+    _, problems = scan(folder)
+    assert problems == [f"train_tp.csv line 5: recording_id {recording_id!r} is not a plain file name "
+                        "(no folders, '..' or absolute paths)"]
+
+
+HEADER = "recording_id,species_id,songtype_id,t_min,f_min,t_max,f_max\n"
+
+
+def test_header_only_csvs_hold_no_rows(tmp_path, good_rows):
+    folder = make_data_dir(tmp_path, good_rows)
+    (folder / "train_fp.csv").write_text(HEADER)  # a data set without verified absences
+    data, problems = scan(folder)
+    assert problems == [] and len(data.tp) == 3 and data.fp.empty
+    assert data.fp.dtypes.to_dict() == data.tp.dtypes.to_dict()
+    assert "train_fp.csv: 0 verified absences in 0 recordings" in dataset.summary(data)
+    (folder / "train_tp.csv").write_text(HEADER)
+    data, problems = scan(folder)
+    assert problems == [] and data.tp.empty
+    with pytest.raises(dataset.DataError, match=r"train_tp.csv: holds no labelled calls$"):
+        dataset.load(folder, 24, 48000)
+
+
+def test_bad_rows_of_train_fp_are_named_by_line(tmp_path, good_rows):
+    folder = make_data_dir(tmp_path, good_rows)
+    (folder / "train_fp.csv").write_text(HEADER + "rec0,3,1,5.0,500,4.0,900\n../rec1,3,1,1,500,2,900\n"
+                                         "rec1,x,1,1,500,2,900\n")
+    _, problems = scan(folder)
+    assert problems == ["train_fp.csv line 2: t_min 5.0 is not below t_max 4.0",
+                        "train_fp.csv line 3: recording_id '../rec1' is not a plain file name (no folders, '..' or "
+                        "absolute paths)",
+                        "train_fp.csv line 4: species_id is 'x', not a number"]
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("", "train_fp.csv: not a readable CSV (No columns to parse from file)"),
+    (HEADER + "rec0,3,1,1,500,2,900,extra\n", "train_fp.csv: not a readable CSV (Error tokenizing data. C error: "
+                                              "Expected 7 fields in line 2, saw 8)"),
+    (b"\xff\xfe\x00junk", "train_fp.csv: not a readable CSV ("),
+])
+def test_unreadable_csv_is_one_line(tmp_path, good_rows, content, expected):
+    folder = make_data_dir(tmp_path, good_rows)
+    path = folder / "train_fp.csv"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    _, problems = scan(folder)
+    assert len(problems) == 1 and problems[0].startswith(expected) and "\n" not in problems[0]
+
+
+def test_problems_are_listed_in_line_order(tmp_path, good_rows):
+    rows = [*good_rows, ("rec2", 1, 1, 5.0, 500.0, 2.0, 900.0), ("rec2", 99, 1, 1.0, 500.0, 2.0, 900.0)]
+    _, problems = scan(make_data_dir(tmp_path, rows))
+    assert [p.split(":")[0] for p in problems] == ["train_tp.csv line 5", "train_tp.csv line 6"]
+
+
 def test_missing_column(tmp_path, good_rows):
     folder = make_data_dir(tmp_path, good_rows)
     csv = folder / "train_tp.csv"
@@ -152,6 +211,7 @@ def test_load_raises_one_line_counting_problems(tmp_path, good_rows):
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith("train_tp.csv line 5: species_id 99 outside 0..23 (and 1 more;")
+    assert "run: python -m rfcx_mlops.dataset check" in message
 
 
 def test_check_cli(tmp_path, good_rows):

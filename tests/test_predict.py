@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -13,12 +15,14 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import soundfile as sf
 import yaml
 from mlflow.tracking import MlflowClient
+from mlflow.utils.file_utils import local_file_uri_to_path
 from sklearn.metrics import label_ranking_average_precision_score
 
 from conftest import free_port, start_server, write_tone
-from rfcx_mlops import predict, report
+from rfcx_mlops import predict, report, serve
 
 
 def sklearn_lwlrap(truth: np.ndarray, scores: np.ndarray) -> float:
@@ -61,9 +65,9 @@ def test_cv_run_summarises_its_folds(cv_run):
 
 
 def test_window_starts_cover_the_recording():
-    np.testing.assert_allclose(predict.window_starts(60.0, 10.0, 5.0), np.arange(0, 51, 5))
-    np.testing.assert_allclose(predict.window_starts(12.0, 5.0, 2.5), [0, 2.5, 5.0, 7.0])  # the last ends at 12 s
-    np.testing.assert_allclose(predict.window_starts(3.0, 5.0, 2.5), [0])  # shorter than a window: padded
+    np.testing.assert_allclose(serve.window_starts(60.0, 10.0, 5.0), np.arange(0, 51, 5))
+    np.testing.assert_allclose(serve.window_starts(12.0, 5.0, 2.5), [0, 2.5, 5.0, 7.0])  # the last ends at 12 s
+    np.testing.assert_allclose(serve.window_starts(3.0, 5.0, 2.5), [0])  # shorter than a window: padded
 
 
 def run_predict(capsys, *argv) -> tuple[int, str, str]:
@@ -117,16 +121,23 @@ def test_bad_input_is_one_line(cv_run, cv_tracking, capsys, tmp_path, tiny_data)
     write_tone(ten / "test" / "r1.flac", seconds=3.0)
     pd.DataFrame({"recording_id": ["r1"], **{f"s{i}": [0.5] for i in range(10)}}).to_csv(
         ten / "sample_submission.csv", index=False)
+    unsafe = tmp_path / "unsafe"
+    (unsafe / "test").mkdir(parents=True)
+    write_tone(unsafe / "test" / "r1.flac", seconds=3.0)
+    pd.DataFrame({"recording_id": ["r1", "../r1"], **{f"s{i}": [0.5, 0.5] for i in range(24)}}).to_csv(
+        unsafe / "sample_submission.csv", index=False)
     bare = cv_tracking.create_run(cv_tracking.create_experiment("no-model"))
     cv_tracking.log_text(bare.info.run_id, yaml.safe_dump(yaml.safe_load(
         mlflow.artifacts.load_text(cv_run.folds[0].info.artifact_uri + "/config.yaml"))), "config.yaml")
     fold = cv_run.folds[0].info.run_id
     cases = [
         (["--run-id", "0123456789abcdef0123456789abcdef"], "run 0123456789abcdef0123456789abcdef not found"),
-        (["--run-id", bare.info.run_id], f"run {bare.info.run_id} has no model (checkpoints/best.keras)"),
+        (["--run-id", bare.info.run_id], f"run {bare.info.run_id} has no model: it is RUNNING"),
         (["--run-id", fold, "--data-dir", str(empty)], f"{empty}: no .flac or .wav files"),
         (["--run-id", fold, "--data-dir", str(tmp_path / "nowhere")], "nowhere: no such folder"),
         (["--run-id", fold, "--data-dir", str(ten)], "sample_submission.csv: 10 species columns, but the model scores 24"),
+        (["--run-id", fold, "--data-dir", str(unsafe)],
+         "sample_submission.csv line 3: recording_id '../r1' is not a plain file name"),
     ]
     for argv, message in cases:
         code, _, err = run_predict(capsys, *argv, "--out", "x.csv")
@@ -148,12 +159,12 @@ def test_servable_model_in_a_fresh_process(cv_run, cv_tracking, tiny_data, tmp_p
 import json, mlflow, numpy as np, pandas as pd, soundfile as sf
 model = mlflow.pyfunc.load_model("runs:/{run.info.run_id}/model")
 y, sr = sf.read("{recording}", dtype="float32")
-by_path = model.predict(pd.DataFrame({{"path": ["{recording}"]}}))
+by_path = model.predict(pd.DataFrame({{"path": ["{recording.name}"]}}))
 by_audio = model.predict(pd.DataFrame({{"audio": [y.astype(float).tolist()], "sample_rate": [sr]}}))
 print(json.dumps({{"path": by_path.to_numpy().tolist(), "audio": by_audio.to_numpy().tolist(),
                   "columns": list(by_path.columns), "inputs": model.metadata.get_input_schema().input_names()}}))
 """
-    env = {**os.environ, "MLFLOW_TRACKING_URI": cv_run.tracking_uri}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": cv_run.tracking_uri, "RFCX_SERVE_AUDIO_ROOT": str(recording.parent)}
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -165,26 +176,78 @@ print(json.dumps({{"path": by_path.to_numpy().tolist(), "audio": by_audio.to_num
     np.testing.assert_allclose(result["path"][0], in_process_scores(run.info.run_id, recording, tmp_path), atol=2e-6)
 
 
-def test_mlflow_models_serve_answers_a_request(cv_run, cv_tracking, tiny_data, tmp_path):
+def test_a_served_model_reads_no_files_unless_told(cv_run, cv_tracking, tiny_data, monkeypatch):
+    monkeypatch.delenv("RFCX_SERVE_AUDIO_ROOT", raising=False)
+    model = mlflow.pyfunc.load_model(f"runs:/{cv_run.folds[0].info.run_id}/model")
+    recording = sorted((tiny_data / "test").iterdir())[0]
+    with pytest.raises(mlflow.exceptions.MlflowException, match="this server reads no files") as err:
+        model.predict(pd.DataFrame({"path": [str(recording)]}))
+    assert err.value.get_http_status_code() == 403
+
+
+def post(port: int, records: list[dict]) -> tuple[int, dict]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                     data=json.dumps({"dataframe_records": records}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=300) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_mlflow_models_serve_answers_and_refuses(cv_run, cv_tracking, tiny_data, tmp_path):
+    """A real `mlflow models serve`: files only under the operator's folder and within its limits; every
+    refusal a 4xx with one line, after which the server goes on answering."""
+    root = tmp_path / "audio"
+    root.mkdir()
+    recording = shutil.copy(sorted((tiny_data / "test").iterdir())[1], root / "site.flac")
+    write_tone(root / "long.flac", seconds=70.0)
+    sf.write(root / "big.wav", np.zeros(48000 * 30), 48000, subtype="FLOAT")  # 5.8 MB
+    (tmp_path / "secret.flac").write_bytes(Path(recording).read_bytes())
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": cv_run.tracking_uri,
+    env = {**os.environ, "MLFLOW_TRACKING_URI": cv_run.tracking_uri, "RFCX_SERVE_AUDIO_ROOT": str(root),
+           "RFCX_SERVE_MAX_SECONDS": "65", "RFCX_SERVE_MAX_MB": "5",
            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
     server = start_server(["mlflow", "models", "serve", "-m", f"runs:/{cv_run.folds[0].info.run_id}/model",
                            "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
                           f"http://127.0.0.1:{port}/ping", tmp_path, env)
     try:
-        recording = sorted((tiny_data / "test").iterdir())[1]
-        body = json.dumps({"dataframe_records": [{"path": str(recording)}]}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                         headers={"Content-Type": "application/json"})
-        answer = json.loads(urllib.request.urlopen(request, timeout=300).read())
+        answers = {
+            "ok": post(port, [{"path": "site.flac"}]),
+            "absolute inside": post(port, [{"path": str(root / "site.flac")}]),
+            "dotdot": post(port, [{"path": "../secret.flac"}]),
+            "device": post(port, [{"path": "/dev/zero"}]),
+            "missing": post(port, [{"path": "nothing.flac"}]),
+            "too long": post(port, [{"path": "long.flac"}]),
+            "too big": post(port, [{"path": "big.wav"}]),
+            "samples too long": post(port, [{"audio": [0.0] * 7000, "sample_rate": 100}]),
+            "no rate": post(port, [{"audio": [0.0] * 100}]),
+            "again": post(port, [{"path": "site.flac"}]),
+        }
     finally:
         server.terminate()
         server.wait(30)
-    (row,) = answer["predictions"]
-    assert sorted(row, key=lambda k: int(k[1:])) == [f"s{i}" for i in range(24)]
-    scores = [row[f"s{i}"] for i in range(24)]
-    np.testing.assert_allclose(scores, in_process_scores(cv_run.folds[0].info.run_id, recording, tmp_path), atol=2e-6)
+    refusals = {
+        "dotdot": (403, "path '../secret.flac' is outside the folder this server reads"),
+        "device": (403, "path '/dev/zero' is outside the folder this server reads"),
+        "missing": (400, "path 'nothing.flac': no such file under"),
+        "too long": (400, "path 'long.flac': 70.0 s of audio is over this server's limit of 65 s"),
+        "too big": (400, "path 'big.wav': 5.8 MB is over this server's limit of 5 MB"),
+        "samples too long": (400, "audio: 70.0 s of audio is over this server's limit of 65 s"),
+        "no rate": (400, "a row with audio needs its sample_rate"),
+    }
+    for name, (status, message) in refusals.items():
+        code, body = answers[name]
+        assert code == status and message in body["message"], (name, code, body)
+        assert "Traceback" not in body["message"]
+    expected = in_process_scores(cv_run.folds[0].info.run_id, Path(recording), tmp_path)
+    for name in ("ok", "absolute inside", "again"):
+        code, body = answers[name]
+        assert code == 200, (name, body)
+        (row,) = body["predictions"]
+        assert sorted(row, key=lambda k: int(k[1:])) == [f"s{i}" for i in range(24)]
+        np.testing.assert_allclose([row[f"s{i}"] for i in range(24)], expected, atol=2e-6)
 
 
 def test_report_lists_every_run(cv_run, cv_tracking, capsys):
@@ -198,5 +261,12 @@ def test_report_lists_every_run(cv_run, cv_tracking, capsys):
     assert (by_fold.loc[["1", "2"], "epochs"] == 1).all() and (table["wall_time_s"] > 0).all()
     for line in ("tiny-cv", "tiny-fold1", "tiny-fold2", "3 runs; written to runs.csv"):
         assert line in out
+    by_run = table.set_index("run_id")
+    for run in cv_run.folds:  # the run's own artifacts and its logged model's, as they lie on disk
+        model = cv_tracking.get_logged_model(run.data.tags["model_uri"].removeprefix("models:/"))
+        folders = [Path(local_file_uri_to_path(uri)) for uri in (run.info.artifact_uri, model.artifact_location)]
+        on_disk = sum(f.stat().st_size for folder in folders for f in folder.rglob("*") if f.is_file())
+        assert by_run.loc[run.info.run_id, "artifacts_mb"] == pytest.approx(on_disk / 1e6, abs=0.05)
+        assert not (folders[0] / "checkpoints").exists()
     assert report.main(["--experiment", "nope"]) == 2
     assert "error: no experiment 'nope'" in capsys.readouterr().err

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
+import h5py
 import keras
 import mlflow
 import numpy as np
@@ -14,8 +18,10 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from rfcx_mlops import config
-from rfcx_mlops.predict import Scorer
+from conftest import COLUMNS, make_data_dir
+from rfcx_mlops import config, serve
+from rfcx_mlops import tracking as tracking_module
+from rfcx_mlops.serve import Scorer
 from rfcx_mlops.train import train_fold
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,20 +79,38 @@ def test_run_metrics_tags_and_status(mlflow_run):
     assert tags["mlflow.runName"] == "tiny-fold2" and tags["fold"] == "2" and tags["preset"] == "tiny"
     assert len(tags["dataset_fingerprint"]) == 16 and tags["git_commit"] and tags["device"].startswith("CPU")
     assert tags["demo_data"] == "False"
+    (data,) = run.inputs.dataset_inputs  # the data folder as MLflow's run page shows it
+    assert data.dataset.name == "tiny" and data.dataset.digest == tags["dataset_fingerprint"]
+    assert json.loads(data.dataset.source) == {"uri": tags["data_dir"]} and data.dataset.source_type == "local"
+    assert {t.key: t.value for t in data.tags} == {"mlflow.data.context": "training"}
+    assert not any(name.startswith("system/") for name in run.data.metrics)  # system metrics are opt-in
 
 
 def test_run_artifacts(mlflow_run, tmp_path):
     client, run, _ = mlflow_run
     rid = run.info.run_id
-    names = {a.path for a in client.list_artifacts(rid)} | {a.path for a in client.list_artifacts(rid, "checkpoints")}
-    assert {"config.yaml", "folds.csv", "augmentation_samples.png", "species_ap.csv", "species_ap.png",
-            "checkpoints/best.keras", "checkpoints/last.keras"} <= names
+    names = {a.path for a in client.list_artifacts(rid)}
+    assert {"config.yaml", "folds.csv", "augmentation_samples.png", "species_ap.csv", "species_ap.png"} <= names
+    assert client.list_artifacts(rid, "checkpoints") == []  # a finished run cannot be resumed: its model is enough
     cfg = config.from_dict(yaml.safe_load(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.yaml")))
     assert cfg.train.epochs == 2 and cfg.seed == 27
     ap = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/species_ap.csv").splitlines()
     assert ap[0] == "species_id,average_precision" and len(ap) == 25
-    best = keras.models.load_model(client.download_artifacts(rid, "checkpoints/best.keras", str(tmp_path)))
+    servable = serve.download_weights(run.data.tags["model_uri"], tmp_path, client)
+    best = keras.models.load_model(servable, compile=False)
     assert best.input_shape == (None, 32, 64, 1) and best.output_shape == (None, 24)
+    assert not optimizer_state(servable)
+
+
+def test_resuming_a_finished_run_trains_and_logs_nothing(mlflow_run, tmp_path):
+    client, run, _ = mlflow_run
+    env = {**os.environ, "MLFLOW_TRACKING_URI": client.tracking_uri}
+    proc = subprocess.run([sys.executable, "-m", "rfcx_mlops.train", "--resume", run.info.run_id], cwd=tmp_path,
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == f"run {run.info.run_id} has finished: nothing left to train"
+    after = client.get_run(run.info.run_id)
+    assert after.info == run.info and after.data.tags == run.data.tags and after.data.metrics == run.data.metrics
 
 
 def test_bad_configuration_fails_before_training(tiny_data, tmp_path):
@@ -109,6 +133,38 @@ def test_bad_configuration_fails_before_training(tiny_data, tmp_path):
     assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
+def optimizer_state(keras_file) -> bool:
+    """Whether a .keras file holds optimizer variables (Adam's slots triple a checkpoint's size)."""
+    with zipfile.ZipFile(keras_file) as z, h5py.File(io.BytesIO(z.read("model.weights.h5"))) as weights:
+        return "optimizer" in weights
+
+
+def logged_model(run_id: str, folder: Path) -> keras.Model:
+    model_uri = MlflowClient().get_run(run_id).data.tags["model_uri"]
+    return keras.models.load_model(serve.download_weights(model_uri, folder), compile=False)
+
+
+HEADER = ",".join(COLUMNS) + "\n"
+
+
+@pytest.mark.parametrize("tp, fp, message", [
+    ("rec0,3,1,1.0,500,2.5,2000\n../secret,3,1,1.0,500,2.5,2000\n", "",
+     "train_tp.csv line 3: recording_id '../secret' is not a plain file name (no folders, '..' or absolute paths)"),
+    ("rec0,3,1,1.0,500,2.5,2000\n", "rec0,4,1,5.0,500,4.0,900\n", "train_fp.csv line 2: t_min 5.0 is not below t_max 4.0"),
+    ("", "", "train_tp.csv: holds no labelled calls"),
+])
+def test_bad_data_fails_before_training(tmp_path, tp, fp, message):
+    folder = make_data_dir(tmp_path / "data", [("rec0", 3, 1, 1.0, 500.0, 2.5, 2000.0)])
+    (folder / "train_tp.csv").write_text(HEADER + tp)
+    (folder / "train_fp.csv").write_text(HEADER + fp)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    proc = subprocess.run([sys.executable, "-m", "rfcx_mlops.train", "--config", str(TINY), "--data-dir", str(folder)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
 class StopAfter(keras.callbacks.Callback):
     def __init__(self, epoch: int, error: BaseException):
         super().__init__()
@@ -120,7 +176,7 @@ class StopAfter(keras.callbacks.Callback):
 
 
 def test_interrupt_then_resume_continues_the_same_run(tiny_data, tracking):
-    cfg = tiny_cfg(tiny_data, **{"train.epochs": 3})
+    cfg = tiny_cfg(tiny_data, **{"train.epochs": 3, "train.keep_checkpoint": "always"})
     with pytest.raises(KeyboardInterrupt):
         train_fold(cfg, 1, callbacks=(StopAfter(1, KeyboardInterrupt()),))
     client = MlflowClient()
@@ -139,6 +195,49 @@ def test_interrupt_then_resume_continues_the_same_run(tiny_data, tracking):
     last = keras.models.load_model(client.download_artifacts(run.info.run_id, "checkpoints/last.keras",
                                                              str(Path.cwd() / "resumed")))
     assert int(last.optimizer.iterations.numpy()) == 3 * steps_per_epoch  # optimizer state carried over
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/last.keras"]
+
+
+def test_checkpoints_hold_each_epoch_s_weights_once(tracking, tmp_path):
+    """last.keras every epoch; the best epoch's weights go to best.keras (weights only) just before a worse
+    epoch replaces them in last.keras; a finished run drops both."""
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile(optimizer="adam", loss="mse")
+    logger = tracking_module.EpochLogger(8, tmp_path)
+    logger.set_model(model)
+    client = MlflowClient()
+
+    def stored(run_id):
+        return sorted(a.path.split("/")[-1] for a in client.list_artifacts(run_id, "checkpoints"))
+
+    with mlflow.start_run() as run:
+        rid = run.info.run_id
+        seen = []
+        for epoch, val in enumerate([0.5, 0.7, 0.6, 0.65]):
+            model.set_weights([np.full_like(w, epoch + 1) for w in model.get_weights()])  # epoch n's weights: n
+            logger.on_epoch_begin(epoch)
+            logger.on_epoch_end(epoch, {"loss": 1.0, "val_lwlrap": val})
+            seen.append(stored(rid))
+        assert seen == [["last.keras"], ["last.keras"], ["best.keras", "last.keras"], ["best.keras", "last.keras"]]
+        best_file = client.download_artifacts(rid, "checkpoints/best.keras", str(tmp_path / "b"))
+        best = keras.models.load_model(best_file)
+        assert not optimizer_state(best_file) and all((w == 2).all() for w in best.get_weights())
+        assert optimizer_state(client.download_artifacts(rid, "checkpoints/last.keras", str(tmp_path / "l")))
+        assert all((w == 2).all() for w in logger.best_weights) and logger.best_epoch == 2
+        tags = client.get_run(rid).data.tags
+        assert (tags["checkpoint_epoch"], tags["best_epoch"]) == ("4", "2")
+        resumed = tracking_module.best_weights(rid, 2, model, tmp_path / "resume")
+        assert all((w == 2).all() for w in resumed)  # from best.keras, not from the last epoch
+        tracking_module.drop_checkpoints(rid, keep_last=False)
+        assert stored(rid) == []
+
+
+def test_resuming_a_run_without_checkpoint_is_refused_and_leaves_it_alone(tiny_data, tracking):
+    client = MlflowClient()
+    bare = client.create_run(mlflow.get_experiment_by_name("tests").experiment_id)
+    with pytest.raises(config.ConfigError, match=f"resume: run {bare.info.run_id} has no checkpoint"):
+        train_fold(tiny_cfg(tiny_data), 1, resume=bare.info.run_id)
+    assert client.get_run(bare.info.run_id).info.status == "RUNNING"
 
 
 def test_crash_marks_the_run_failed_with_its_reason(tiny_data, tracking):
@@ -165,20 +264,22 @@ def test_mixed_precision_on_a_distribution_strategy(tiny_data, tracking, tmp_pat
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
     assert np.isfinite(result.best_val_lwlrap)
-    model = keras.models.load_model(MlflowClient().download_artifacts(result.run_id, "checkpoints/best.keras",
-                                                                       str(tmp_path)), compile=False)
+    model = logged_model(result.run_id, tmp_path)
     conv = next(layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D))
     assert conv.compute_dtype == "float16" and conv.variable_dtype == "float32"
     assert model.get_layer("species").compute_dtype == "float32"
 
 
-def test_images_made_in_the_model(tiny_data, tracking, tmp_path):
-    """features.backend: tensorflow trains on waveforms; its checkpoint reloads and scores recordings."""
-    cfg = tiny_cfg(tiny_data, **{"train.epochs": 1, "features.backend": "tensorflow"})
+def test_images_made_in_the_model(tiny_data, tracking, tmp_path, monkeypatch):
+    """features.backend: tensorflow trains on waveforms; its model reloads and scores recordings.
+    (The same run asks for MLflow's system metrics, sampled every second.)"""
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+    cfg = tiny_cfg(tiny_data, **{"train.epochs": 1, "features.backend": "tensorflow", "train.system_metrics": True})
     result = train_fold(cfg, 1)
+    metrics = MlflowClient().get_run(result.run_id).data.metrics
+    assert metrics["system/cpu_utilization_percentage"] >= 0 and metrics["system/system_memory_usage_megabytes"] > 0
     assert np.isfinite(result.best_val_lwlrap)
-    model = keras.models.load_model(MlflowClient().download_artifacts(result.run_id, "checkpoints/best.keras",
-                                                                       str(tmp_path)), compile=False)
+    model = logged_model(result.run_id, tmp_path)
     assert set(model.input) == {"audio", "semitones", "gain_db"} and model.get_layer("mel").dtype == "float32"
     scorer = Scorer([model], cfg)
     y = scorer.read(next((tiny_data / "train").glob("*.flac")))

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from conftest import free_port, start_server
+from rfcx_mlops import study as studies
 from rfcx_mlops import tune
 from rfcx_mlops.config import ConfigError
 
@@ -80,9 +81,9 @@ def test_bad_search_space_is_one_clear_error(tmp_path, space, sections, message)
 
 
 def test_storage_url_password_is_never_shown():
-    assert tune.redact("postgresql://alice:s3cret@db.lab:5432/optuna") == "postgresql://alice:***@db.lab:5432/optuna"
+    assert studies.redact("postgresql://alice:s3cret@db.lab:5432/optuna") == "postgresql://alice:***@db.lab:5432/optuna"
     with pytest.raises(ConfigError, match=r"^--storage postgresql://alice:\*\*\*@127.0.0.1:1/x: cannot open"):
-        tune.open_storage("postgresql://alice:s3cret@127.0.0.1:1/x", 60)
+        studies.open_storage("postgresql://alice:s3cret@127.0.0.1:1/x", 60)
 
 
 def test_retrain_command_sets_every_tuned_value():
@@ -195,6 +196,8 @@ def test_each_trial_is_a_nested_run_with_its_params_metrics_and_state(mlflow_run
         assert trial.intermediate_values == pytest.approx({m.step: m.value for m in history})
         if trial.state == TrialState.COMPLETE:
             assert trial.value == pytest.approx(run.data.metrics["best_val_lwlrap"])
+        # A trial keeps its metrics and plots, no model and no checkpoint (without --keep-models).
+        assert "model_uri" not in run.data.tags and client.list_artifacts(run.info.run_id, "checkpoints") == []
 
 
 def test_parent_run_holds_the_study_summary_and_plots(mlflow_run_study):
@@ -231,6 +234,7 @@ def test_interrupted_study_queues_its_running_trial(tiny_data, tmp_path):
     runs = {r.data.tags.get("trial_number"): r for r in all_runs(uri)}
     assert runs["0"].info.status == "KILLED" and runs["0"].data.tags["trial_state"] == "FAIL"
     assert runs[None].info.status == "KILLED"
+    assert MlflowClient(uri).list_artifacts(runs["0"].info.run_id, "checkpoints") == []  # it runs again from scratch
 
 
 # --- many workers: PostgreSQL for the study, one MLflow tracking server for the runs -------------------------
@@ -321,5 +325,15 @@ def test_a_killed_worker_s_trial_is_run_again(pg_database, mlflow_server, tiny_d
     killed = runs[("0", "KILLED")]
     assert killed.data.tags["trial_state"] == "FAIL" and "stopped sending heartbeats" in \
         killed.data.tags["failure_reason"]
+    assert MlflowClient(mlflow_server).list_artifacts(killed.info.run_id, "checkpoints") == []
     assert (None, "KILLED") in runs and (None, "FINISHED") in runs  # the lost worker's parent, the second's
     assert ("1", "FINISHED") in runs
+
+
+@needs_postgres
+def test_workers_starting_at_one_instant_on_a_new_database():
+    """Four workers released together on a fresh database: the start-up lock lets every one through."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "worker_startup.py"), POSTGRES, "--workers", "4",
+                           "--rounds", "3"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "failed: 0 in 3 rounds of 4 workers" in proc.stdout
