@@ -41,7 +41,7 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 
 from rfcx_mlops import augment, config, dataset  # noqa: E402
 from rfcx_mlops.generator import SpectrogramBatches, make_samples  # noqa: E402
-from rfcx_mlops.train import resolve_data_dir  # noqa: E402
+from rfcx_mlops.fit import resolve_data_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # The notebook ran librosa 0.8, whose pitch_shift resampled with resampy's kaiser_best; librosa 0.10

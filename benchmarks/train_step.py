@@ -31,7 +31,7 @@ from rfcx_mlops import config, dataset, tracking  # noqa: E402
 from rfcx_mlops.config import parse_sets  # noqa: E402
 from rfcx_mlops.generator import make_batches, make_samples  # noqa: E402
 from rfcx_mlops.model import build, precision_and_devices  # noqa: E402
-from rfcx_mlops.train import resolve_data_dir  # noqa: E402
+from rfcx_mlops.fit import resolve_data_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

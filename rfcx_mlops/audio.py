@@ -10,6 +10,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from rfcx_mlops.config import UserError
+
 log = logging.getLogger(__name__)
 
 AUDIO_SUFFIXES = (".flac", ".wav")
@@ -18,7 +20,7 @@ AUDIO_SUFFIXES = (".flac", ".wav")
 _RESAMPLE_MARGIN_S = 0.05
 
 
-class AudioError(ValueError):
+class AudioError(UserError):
     """A file that cannot be used as a recording; the message names the file."""
 
 

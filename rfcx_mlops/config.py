@@ -19,7 +19,11 @@ import yaml
 DEFAULT_EXPERIMENT = "rfcx"  # the MLflow experiment runs log to unless told otherwise
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """Input the user can fix (a value, a file, a run id): the command lines print it as one line."""
+
+
+class ConfigError(UserError):
     """A configuration value or key the run cannot use."""
 
 
@@ -27,7 +31,7 @@ class ConfigError(ValueError):
 class DataConfig:
     data_dir: str = ""  # empty: build (once) and use the demo data set
     demo_dir: str = "data/demo"  # where the demo data set is cached
-    demo_recordings: int = 240
+    demo_recordings: int = 480  # the demo set `make demo` trains on, as `python -m rfcx_mlops.synth` builds it
     demo_seed: int = 0  # the demo data stays the same when the training seed changes
     sample_rate: int = 48000  # audio at another rate is resampled to this
     n_classes: int = 24
@@ -168,6 +172,11 @@ def _validate(cfg: Config) -> None:
         )
 
 
+def check_fold(cfg: Config, fold: int) -> None:
+    if not 1 <= fold <= cfg.folds.n_splits:
+        raise ConfigError(f"fold must be within 1..{cfg.folds.n_splits} (folds.n_splits); got {fold}")
+
+
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
     """``{"train.learning_rate": 0.001, ...}``: the dotted names used for MLflow params."""
     out: dict[str, Any] = {}
@@ -187,6 +196,9 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
@@ -222,7 +234,7 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-    raise ConfigError(f"{key} must be a {expected.__name__}; got {value!r}")
+    raise ConfigError(f"{key} must be {_KINDS[expected]}; got {value!r}")
 
 
 def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
@@ -266,11 +278,15 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def load(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+def load(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
+         sources: Mapping[str, str] | None = None) -> Config:
     """Defaults, then the preset file at ``path``, then dotted ``overrides`` (``{"train.epochs": 2}``).
 
     A preset without a ``name`` is named after its file (``experiments/seed.yaml`` -> ``seed``).
+    An error names where the bad value came from: the file, or the override as ``sources`` spells
+    it (``{"train.epochs": "--epochs abc"}``; default ``--set train.epochs=abc``).
     """
+    overrides = dict(overrides or {})
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -278,13 +294,24 @@ def load(path: str | Path | None = None, overrides: Mapping[str, Any] | None = N
         if not isinstance(loaded, Mapping):
             raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
         values = {"name": path.stem, **loaded}
-    for dotted in overrides or {}:
-        _check_key(dotted)
-    values = _merge(values, _nest(overrides or {}))
+        try:
+            from_dict(values)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    given = {key: (sources or {}).get(key, f"--set {key}={value}") for key, value in overrides.items()}
+    for key in overrides:
+        _check_key(key)
     try:
-        return from_dict(values)
+        return from_dict(_merge(values, _nest(overrides)))
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
+        # Blame the overrides the message names (the file alone was fine), else all of them.
+        blamed = [where for key, where in given.items() if key in str(exc)] or list(given.values())
+        raise ConfigError(f"{', '.join(blamed)}: {exc}") from None
+
+
+def with_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
+    """``cfg`` with dotted ``overrides`` applied, checked like any config."""
+    return from_dict(_merge(to_dict(cfg), _nest(overrides)))
 
 
 def read_yaml(path: Path, what: str) -> Any:

@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from rfcx_mlops import cli
 from rfcx_mlops.audio import AUDIO_SUFFIXES, AudioError, AudioInfo, probe
+from rfcx_mlops.config import UserError
 
 TP_FILE = "train_tp.csv"
 FP_FILE = "train_fp.csv"
@@ -34,7 +36,7 @@ DTYPES = {"recording_id": "str", "species_id": "int64", "songtype_id": "int64", 
 _DURATION_TOLERANCE_S = 0.01
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """The data folder cannot be used; the message names the file and line."""
 
 
@@ -234,15 +236,19 @@ def summary(dataset: Dataset) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rfcx_mlops.dataset", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = cli.Parser(prog="python -m rfcx_mlops.dataset", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=cli.Parser)
     check = sub.add_parser("check", help="validate a data folder and summarise it")
-    check.add_argument("data_dir")
-    check.add_argument("--n-classes", type=int, default=24)
+    check.add_argument("data_dir", help="the folder holding train_tp.csv, train_fp.csv, train/ and test/")
+    check.add_argument("--n-classes", type=int, default=24, help="species ids run from 0 to this - 1 (default 24)")
     check.add_argument("--sample-rate", type=int, default=48000, help="the rate training resamples to")
     check.add_argument("--max-problems", type=int, default=50, help="lines of problems to print (0: all)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         dataset, problems = scan(args.data_dir, args.n_classes, args.sample_rate, with_test=True, progress=True)
     except DataError as exc:
@@ -252,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     if not problems:
         print("no problems found")
         return 0
+    print("(the counts above leave out the rows and recordings with problems)")
     shown = problems if args.max_problems <= 0 else problems[: args.max_problems]
     print(f"{len(problems)} problem(s):", file=sys.stderr)
     for line in shown:

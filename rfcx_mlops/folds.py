@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -22,10 +23,13 @@ def assign_folds(events: pd.DataFrame, n_splits: int, seed: int) -> pd.Series:
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     fold = pd.Series(0, index=events.index, name="fold")
     try:
-        for k, (_, val_idx) in enumerate(
-            splitter.split(events, events["species_id"], groups=events["recording_id"]), start=1
-        ):
-            fold.iloc[val_idx] = k
+        with warnings.catch_warnings():
+            # A species with fewer calls than folds is expected (a rare species): it is validated in fewer folds.
+            warnings.filterwarnings("ignore", "The least populated class in y", UserWarning)
+            for k, (_, val_idx) in enumerate(
+                splitter.split(events, events["species_id"], groups=events["recording_id"]), start=1
+            ):
+                fold.iloc[val_idx] = k
     except ValueError as exc:  # e.g. no species has n_splits calls
         raise ConfigError(f"cannot make {n_splits} stratified folds of this data: {exc}") from None
     return fold

@@ -13,68 +13,26 @@ import sys
 import tempfile
 from pathlib import Path
 
-import keras
-import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.tracking import MlflowClient
 from tqdm import tqdm
 
-from rfcx_mlops import audio, dataset, tracking
-from rfcx_mlops.config import ConfigError
-from rfcx_mlops.metrics import lwlrap
-from rfcx_mlops.serve import Scorer, download_weights
+from rfcx_mlops import audio, cli, dataset
+from rfcx_mlops.config import UserError
 
 log = logging.getLogger("rfcx_mlops.predict")
 LABELS_FILE = "test_labels.csv"  # the demo data's test truth
 
 
-class PredictError(ValueError):
+class PredictError(UserError):
     """A run, folder or file prediction cannot use; the message names it."""
 
 
-def _run_models(run: mlflow.entities.Run, folder: Path) -> tuple[list[keras.Model], list[str]]:
-    """The logged model (the best epoch's weights) of the run, or of each fold of a cross-validation run."""
-    client = MlflowClient()
-    if run.data.tags.get("cv") == "true":
-        runs = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}' "
-                                  "and attributes.status = 'FINISHED'", order_by=["tags.fold ASC"])
-        if not runs:
-            raise PredictError(f"run {run.info.run_id} is a cross-validation run with no finished fold")
-    else:
-        runs = [run]
-    models = []
-    for r in runs:
-        model_uri = r.data.tags.get("model_uri")
-        if not model_uri:
-            raise PredictError(f"run {r.info.run_id} has no model: it is {r.info.status} (a model is logged when "
-                               "training finishes; resume it with python -m rfcx_mlops.train --resume "
-                               f"{r.info.run_id})")
-        try:
-            path = download_weights(model_uri, folder / r.info.run_id)
-        except mlflow.exceptions.MlflowException as exc:
-            raise PredictError(f"run {r.info.run_id}: its model {model_uri} cannot be read "
-                               f"({str(exc).splitlines()[0]})") from None
-        models.append(keras.models.load_model(path, compile=False))
-    return models, [r.info.run_id for r in runs]
+def recordings(data_dir: Path, n_classes: int | None) -> tuple[list[str], dict[str, Path]]:
+    """Recording ids in submission order and their files: DIR/test/ with DIR/sample_submission.csv, or DIR's own files.
 
-
-def load_run(run_id: str, folder: Path, hop_seconds: float | None = None) -> tuple[mlflow.entities.Run, Scorer]:
-    try:
-        run = MlflowClient().get_run(run_id)
-    except mlflow.exceptions.MlflowException:
-        raise PredictError(f"run {run_id} not found in {mlflow.get_tracking_uri()}") from None
-    try:
-        cfg = tracking.logged_config(run)
-    except mlflow.exceptions.MlflowException:
-        raise PredictError(f"run {run_id} has no config.yaml: not a training run") from None
-    models, ids = _run_models(run, folder)
-    log.info("run %s: %d model(s) from %s", run_id, len(models), ", ".join(ids))
-    return run, Scorer(models, cfg, hop_seconds)
-
-
-def recordings(data_dir: Path, n_classes: int) -> tuple[list[str], dict[str, Path]]:
-    """Recording ids in submission order and their files: DIR/test/ with DIR/sample_submission.csv, or DIR's own files."""
+    ``n_classes``: the species columns sample_submission.csv must have (None: not checked yet).
+    """
     folder = data_dir / "test" if (data_dir / "test").is_dir() else data_dir
     if not folder.is_dir():
         raise PredictError(f"{data_dir}: no such folder")
@@ -86,14 +44,14 @@ def recordings(data_dir: Path, n_classes: int) -> tuple[list[str], dict[str, Pat
         return sorted(files), files
     header = pd.read_csv(template, nrows=0).columns
     species = [c for c in header if c != "recording_id"]
-    if species != [f"s{i}" for i in range(n_classes)]:
+    if n_classes is not None and species != [f"s{i}" for i in range(n_classes)]:
         raise PredictError(f"{template}: {len(species)} species columns, but the model scores {n_classes} "
                            f"(expected recording_id,s0..s{n_classes - 1})")
     ids = pd.read_csv(template, usecols=["recording_id"], dtype=str, keep_default_na=False)["recording_id"]
     return [dataset.check_recording_id(rid, f"{template} line {line}") for line, rid in enumerate(ids, 2)], files
 
 
-def predict(scorer: Scorer, ids: list[str], files: dict[str, Path]) -> tuple[pd.DataFrame, list[str]]:
+def predict(scorer, ids: list[str], files: dict[str, Path]) -> tuple[pd.DataFrame, list[str]]:
     """The submission table and the recordings that could not be scored (missing or unreadable)."""
     rows, skipped = {}, []
     for rid in tqdm(ids, desc="recordings", unit="rec", file=sys.stderr):
@@ -110,6 +68,8 @@ def predict(scorer: Scorer, ids: list[str], files: dict[str, Path]) -> tuple[pd.
 
 def test_lwlrap(submission: pd.DataFrame, labels_file: Path) -> float | None:
     """LWLRAP against known test labels (the demo data's test_labels.csv), over the scored recordings."""
+    from rfcx_mlops.metrics import lwlrap  # scikit-learn: only where there is something to score
+
     if not labels_file.is_file():
         return None
     truth = pd.read_csv(labels_file).set_index("recording_id").loc[submission["recording_id"]]
@@ -117,21 +77,27 @@ def test_lwlrap(submission: pd.DataFrame, labels_file: Path) -> float | None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m rfcx_mlops.predict",
-                                description="Score recordings with a trained run; write a submission CSV.")
+    p = cli.Parser(prog="python -m rfcx_mlops.predict",
+                   description="Score recordings with a trained run; write a submission CSV.")
     p.add_argument("--run-id", required=True, help="a training run, or a cross-validation run (its folds averaged)")
     p.add_argument("--data-dir", default="",
                    help="folder with test/ and sample_submission.csv, or a folder of audio files "
                         "(default: the folder the run trained on)")
     p.add_argument("--out", default="submission.csv", help="output CSV (default submission.csv)")
-    p.add_argument("--hop", type=lambda s: float(s) if s else None, default=None,
+    p.add_argument("--hop", type=lambda s: cli.positive_seconds(s) if s else None, default=None,
                    help="seconds between windows (default: half a window)")
+    cli.add_verbose(p)
     return p.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.data_dir:
+        recordings(Path(args.data_dir), n_classes=None)  # a bad folder is refused before the models load
+    serve = cli.import_quietly("rfcx_mlops.serve", args.verbose)
+    from mlflow.tracking import MlflowClient  # loaded with the models above
+
     with tempfile.TemporaryDirectory(prefix="rfcx-predict-") as tmp:
-        mlrun, scorer = load_run(args.run_id, Path(tmp), args.hop)
+        mlrun, scorer = serve.load_run(args.run_id, Path(tmp), args.hop)
         data_dir = Path(args.data_dir or mlrun.data.tags.get("data_dir", ""))
         if not str(data_dir) or str(data_dir) == ".":
             raise PredictError(f"run {args.run_id} records no data_dir; pass --data-dir")
@@ -159,11 +125,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    cli.setup(args.verbose)
     try:
         return run(args)
-    except (PredictError, ConfigError, dataset.DataError, audio.AudioError) as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

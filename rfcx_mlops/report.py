@@ -17,6 +17,7 @@ import pandas as pd
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 
+from rfcx_mlops import cli
 from rfcx_mlops.config import DEFAULT_EXPERIMENT
 
 COLUMNS = ["run_id", "run_name", "status", "preset", "fold", "best_val_lwlrap", "best_epoch", "epochs",
@@ -59,7 +60,7 @@ def runs_table(experiment: str) -> pd.DataFrame:
             "artifacts_mb": round(artifact_bytes(client, run) / 1e6, 1),
             "started": pd.Timestamp(info.start_time, unit="ms", tz="UTC").strftime("%Y-%m-%d %H:%M"),
         })
-    return pd.DataFrame(rows, columns=COLUMNS)
+    return pd.DataFrame(rows, columns=COLUMNS).astype({"best_epoch": "Int64"})
 
 
 def render(table: pd.DataFrame) -> str:
@@ -67,17 +68,41 @@ def render(table: pd.DataFrame) -> str:
     shown = table.assign(
         run_id=table["run_id"].str[:8],
         best_val_lwlrap=table["best_val_lwlrap"].map(lambda v: "" if pd.isna(v) else f"{v:.4f}"),
-        best_epoch=table["best_epoch"].map(lambda v: "" if pd.isna(v) else str(int(v))),
+        best_epoch=table["best_epoch"].map(lambda v: "" if pd.isna(v) else str(v)),
         wall_time_s=table["wall_time_s"].map(lambda s: "" if pd.isna(s) else f"{int(s) // 60}:{int(s) % 60:02d}"),
     ).rename(columns={"wall_time_s": "wall_time"})
     return shown.to_string(index=False)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rfcx_mlops.report", description="Print and save a table of runs.")
+def missing_store(uri: str) -> str | None:
+    """Why ``uri`` names no existing local store (reading one would create it, empty), or None."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not path.is_file():
+            return f"no MLflow store here: {path.resolve()} does not exist"
+    elif "://" not in uri or uri.startswith("file:"):
+        path = Path(uri.removeprefix("file://"))
+        if not path.is_dir():
+            return f"no MLflow store here: {path.resolve()} does not exist"
+    return None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = cli.Parser(prog="python -m rfcx_mlops.report", description="Print and save a table of runs.")
     p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help=f"experiment name (default {DEFAULT_EXPERIMENT})")
     p.add_argument("--out", default="runs.csv", help="CSV with the same rows (default runs.csv)")
-    args = p.parse_args(argv)
+    cli.add_verbose(p)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cli.setup(args.verbose)
+    problem = missing_store(mlflow.get_tracking_uri())
+    if problem:
+        print(f"error: {problem}; run this where the runs were made, or set MLFLOW_TRACKING_URI to their store",
+              file=sys.stderr)
+        return 2
     try:
         table = runs_table(args.experiment)
     except (ValueError, mlflow.exceptions.MlflowException) as exc:
@@ -85,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(render(table) if len(table) else f"experiment {args.experiment!r} has no runs")
     table.to_csv(Path(args.out), index=False)
-    print(f"\n{len(table)} runs; written to {args.out}")
+    print(f"\n{len(table)} run{'' if len(table) == 1 else 's'}; written to {args.out}")
     return 0
 
 

@@ -18,6 +18,7 @@ one line saying why, and the server goes on serving.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,14 +30,20 @@ import pandas as pd
 import soxr
 import yaml
 from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, PERMISSION_DENIED
 
-from rfcx_mlops import audio
-from rfcx_mlops.config import Config, ConfigError, from_dict, to_yaml
+from rfcx_mlops import audio, tracking
+from rfcx_mlops.config import Config, ConfigError, UserError, from_dict, to_yaml
 from rfcx_mlops.features import MelFeatures
 
+log = logging.getLogger("rfcx_mlops.serve")
 MODEL_DIR = "model"  # the run's logged model: runs:/<run id>/model
 WEIGHTS_FILE = "servable.keras"  # the best epoch's weights, without optimizer state, inside the logged model
+
+
+class ModelError(UserError):
+    """A run whose models cannot be scored with; the message names it."""
 
 
 def window_starts(duration: float, crop: float, hop: float) -> np.ndarray:
@@ -189,7 +196,8 @@ def log_servable(model: keras.Model, cfg: Config, folder: Path) -> str:
         outputs=Schema([ColSpec(DataType.float, f"s{i}") for i in range(n)]),
     )
     example = pd.DataFrame({"audio": [[0.0] * 1600], "sample_rate": [16000]})
-    info = mlflow.pyfunc.log_model(name=MODEL_DIR, python_model=SpeciesScorer(), signature=signature,
+    info = mlflow.pyfunc.log_model(name=MODEL_DIR, python_model=str(Path(__file__).with_name("servable_model.py")),
+                                   signature=signature,
                                    input_example=example,
                                    artifacts={"keras_model": str(weights), "config": str(folder / "servable.yaml")},
                                    code_paths=[str(Path(__file__).parent)], pip_requirements=_requirements())
@@ -197,9 +205,51 @@ def log_servable(model: keras.Model, cfg: Config, folder: Path) -> str:
     return info.model_uri
 
 
-def download_weights(model_uri: str, dst: Path, client: mlflow.MlflowClient | None = None) -> Path:
+def _run_models(run: mlflow.entities.Run, folder: Path) -> tuple[list[keras.Model], list[str]]:
+    """The logged model (the best epoch's weights) of the run, or of each fold of a cross-validation run."""
+    client = MlflowClient()
+    if run.data.tags.get("cv") == "true":
+        runs = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}' "
+                                  "and attributes.status = 'FINISHED'", order_by=["tags.fold ASC"])
+        if not runs:
+            raise ModelError(f"run {run.info.run_id} is a cross-validation run with no finished fold")
+    else:
+        runs = [run]
+    models = []
+    for r in runs:
+        model_uri = r.data.tags.get("model_uri")
+        if not model_uri and r.info.status == "FINISHED":
+            raise ModelError(f"run {r.info.run_id} has no model: a tuning trial keeps none (unless tune "
+                             "--keep-models); retrain its values with python -m rfcx_mlops.train")
+        if not model_uri:
+            raise ModelError(f"run {r.info.run_id} has no model: it is {r.info.status} (a model is logged when "
+                             f"training finishes; resume it with python -m rfcx_mlops.train --resume {r.info.run_id})")
+        try:
+            path = download_weights(model_uri, folder / r.info.run_id)
+        except mlflow.exceptions.MlflowException as exc:
+            raise ModelError(f"run {r.info.run_id}: its model {model_uri} cannot be read "
+                             f"({str(exc).splitlines()[0]})") from None
+        models.append(keras.models.load_model(path, compile=False))
+    return models, [r.info.run_id for r in runs]
+
+
+def load_run(run_id: str, folder: Path, hop_seconds: float | None = None) -> tuple[mlflow.entities.Run, Scorer]:
+    try:
+        run = MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise ModelError(f"run {run_id} not found in {mlflow.get_tracking_uri()}") from None
+    try:
+        cfg = tracking.logged_config(run)
+    except mlflow.exceptions.MlflowException:
+        raise ModelError(f"run {run_id} has no config.yaml: not a training run") from None
+    models, ids = _run_models(run, folder)
+    log.info("run %s: %d model(s) from %s", run_id, len(models), ", ".join(ids))
+    return run, Scorer(models, cfg, hop_seconds)
+
+
+def download_weights(model_uri: str, dst: Path, client: MlflowClient | None = None) -> Path:
     """The Keras file inside a logged model (``models:/<id>``, a run's ``model_uri`` tag), downloaded to ``dst``."""
-    client = client or mlflow.MlflowClient()
+    client = client or MlflowClient()
     model = client.get_logged_model(model_uri.removeprefix("models:/"))
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{model.artifact_location}/artifacts/{WEIGHTS_FILE}",
                                                     dst_path=str(dst), tracking_uri=client.tracking_uri))

@@ -1,4 +1,5 @@
-"""The Optuna study's storage and a worker's start-up: ``sqlite:///FILE`` (one worker) or ``postgresql://...`` (many).
+"""The Optuna study: its search space, its storage (``sqlite:///FILE`` for one worker,
+``postgresql://...`` for many) and a worker's start-up.
 
 Workers started together on a new PostgreSQL database all create Optuna's tables at
 once, and concurrent CREATE TABLE statements collide inside PostgreSQL's own catalogue
@@ -10,19 +11,105 @@ the connection, so a worker killed while holding it releases it.
 
 from __future__ import annotations
 
+import math
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import optuna
 import sqlalchemy
 from sqlalchemy.pool import NullPool
 
-from rfcx_mlops.config import ConfigError
+from rfcx_mlops.config import Config, ConfigError, flatten, read_yaml
 
 SCHEMES = ("sqlite", "postgresql")
 _STARTUP_LOCK_KEY = 0x7266_6378_7475_6E65  # any fixed key: every worker must take the same one
 _CONNECT_TIMEOUT_S = 10
+
+
+@dataclass(frozen=True)
+class Range:
+    key: str
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+    above: str | None = None
+    integer: bool = False
+
+    def suggest(self, trial: optuna.Trial, drawn: dict[str, float]) -> float:
+        low = max(self.low, drawn[self.above]) if self.above else self.low
+        if self.integer:
+            return trial.suggest_int(self.key, math.ceil(low), int(self.high), log=self.log, step=int(self.step or 1))
+        return trial.suggest_float(self.key, low, self.high, log=self.log, step=self.step)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    ranges: tuple[Range, ...]
+    sampler_startup_trials: int = 4
+    pruner_startup_trials: int = 3
+    pruner_warmup_epochs: int = 6
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, float]:
+        drawn: dict[str, float] = {}
+        for r in self.ranges:
+            drawn[r.key] = r.suggest(trial, drawn)
+        return drawn
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """The search space file; every inconsistency is a ``ConfigError`` naming the file and key."""
+    path = Path(path)
+    doc = read_yaml(path, "search space file")
+
+    def fail(msg: str) -> ConfigError:
+        return ConfigError(f"{path}: {msg}")
+
+    if not isinstance(doc, dict) or set(doc) - {"space", "sampler", "pruner"}:
+        raise fail("expected the sections space, sampler and pruner")
+    space = doc.get("space")
+    if not isinstance(space, dict) or not space:
+        raise fail("space: no ranges to search")
+    defaults = flatten(Config())
+    ranges: list[Range] = []
+    for key, spec in space.items():
+        default = defaults.get(key)
+        if isinstance(default, bool) or not isinstance(default, (int, float)):
+            raise fail(f"{key}: not a numeric config key")
+        if not isinstance(spec, dict) or not {"low", "high"} <= set(spec) or \
+                set(spec) - {"low", "high", "log", "step", "above"}:
+            raise fail(f"{key}: expected {{low, high}} and optionally log, step, above; got {spec!r}")
+        try:
+            r = Range(key, float(spec["low"]), float(spec["high"]), bool(spec.get("log", False)),
+                      None if spec.get("step") is None else float(spec["step"]), spec.get("above"),
+                      isinstance(default, int))
+        except (TypeError, ValueError):
+            raise fail(f"{key}: low, high and step must be numbers; got {spec!r}") from None
+        if not r.low < r.high:
+            raise fail(f"{key}: empty or inverted range: low {r.low:g} must be below high {r.high:g}")
+        if r.log and r.low <= 0:
+            raise fail(f"{key}: a log range needs low > 0; got {r.low:g}")
+        if r.step is not None and not 0 < r.step <= r.high - r.low:
+            raise fail(f"{key}: step must be within (0, high - low]; got {r.step:g}")
+        if r.above is not None:
+            ref = next((x for x in ranges if x.key == r.above), None)
+            if ref is None:
+                raise fail(f"{key}: above: {r.above} must be a range listed before it")
+            if ref.high >= r.high:
+                raise fail(f"{key}: high {r.high:g} must exceed the high of {r.above} ({ref.high:g})")
+        ranges.append(r)
+
+    def count(section: str, name: str, default: int) -> int:
+        value = (doc.get(section) or {}).get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise fail(f"{section}.{name} must be an integer >= 0; got {value!r}")
+        return value
+
+    return SearchSpace(tuple(ranges), count("sampler", "startup_trials", 4), count("pruner", "startup_trials", 3),
+                       count("pruner", "warmup_epochs", 6))
 
 
 def redact(url: str) -> str:

@@ -45,6 +45,10 @@ import numpy as np
 import scipy.fft
 import soundfile as sf
 
+from rfcx_mlops import cli
+from rfcx_mlops.config import DataConfig
+
+DEMO_RECORDINGS, DEMO_SEED = DataConfig.demo_recordings, DataConfig.demo_seed
 SAMPLE_RATE = 48_000
 DURATION_S = 60
 N_SAMPLES = SAMPLE_RATE * DURATION_S
@@ -685,13 +689,6 @@ def build(
 # --------------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (exit code 2)."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def _count(text: str) -> int:
     try:
         value = int(text)
@@ -702,14 +699,19 @@ def _count(text: str) -> int:
     return value
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = _Parser(prog="python -m rfcx_mlops.synth", description="Build the deterministic RFCX-format demo set.")
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = cli.Parser(prog="python -m rfcx_mlops.synth", description="Build the deterministic RFCX-format demo set.")
     parser.add_argument("out_dir", type=Path, help="output folder (new, empty, or a previous demo build)")
-    parser.add_argument("--recordings", type=_count, default=240, help="train recordings (default 240)")
+    parser.add_argument("--recordings", type=_count, default=DEMO_RECORDINGS,
+                        help=f"train recordings (default {DEMO_RECORDINGS}: the set make demo trains on)")
     parser.add_argument("--test-recordings", type=_count, help="test recordings (default recordings // 5)")
-    parser.add_argument("--seed", type=int, default=27, help="random seed (default 27)")
+    parser.add_argument("--seed", type=int, default=DEMO_SEED, help=f"random seed (default {DEMO_SEED})")
     parser.add_argument("--workers", type=_count, default=None, help="processes (default: CPU count)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
 
     def report(done: int, total: int) -> None:
         if done == total or done % max(1, total // 10) == 0:
@@ -721,7 +723,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.out_dir, args.recordings, args.test_recordings, args.seed, workers=args.workers, progress=report
         )
     except (FileExistsError, ValueError) as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     elapsed = time.perf_counter() - started
     with (out / "train_tp.csv").open() as fh:

@@ -68,7 +68,7 @@ def test_overrides_and_round_trip(tmp_path):
         ({"augment.min_snr": 25.0}, "augment.min_snr (25.0) must not exceed augment.max_snr (20.0)"),
         ({"train.learning_rate": 0}, "train.learning_rate must be > 0"),
         ({"train.learning_rate": -1e-3}, "train.learning_rate must be > 0"),
-        ({"train.epochs": "ten"}, "train.epochs must be a int; got 'ten'"),
+        ({"train.epochs": "ten"}, "--set train.epochs=ten: train.epochs must be an integer; got 'ten'"),
         ({"model.dropout": 1.0}, "model.dropout must be within [0, 1)"),
         ({"augment.volume_mode": "loud"}, "augment.volume_mode must be one of uniform, fade, cosine, sine"),
         ({"data.crop_seconds": 0}, "data.crop_seconds must be > 0"),

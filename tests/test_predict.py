@@ -148,7 +148,7 @@ def test_bad_input_is_one_line(cv_run, cv_tracking, capsys, tmp_path, tiny_data)
 
 
 def in_process_scores(run_id: str, recording: Path, folder: Path) -> np.ndarray:
-    _, scorer = predict.load_run(run_id, folder)
+    _, scorer = serve.load_run(run_id, folder)
     return scorer.scores(scorer.read(recording))
 
 

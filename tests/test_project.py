@@ -36,7 +36,8 @@ def test_every_mlproject_parameter_reaches_the_command():
     assert params == set(OVERRIDES) | {"fold", "config", "resume"}
     args = parse_args(["--epochs", "3", "--data-dir", "x", "--seed", "5", "--learning-rate", ""])
     assert (args.fold, args.resume) == ("1", "")
-    assert overrides_from(args) == {"train.epochs": "3", "data.data_dir": "x", "seed": "5"}
+    assert overrides_from(args) == ({"train.epochs": "3", "data.data_dir": "x", "seed": "5"},
+                                    {"train.epochs": "--epochs 3", "data.data_dir": "--data-dir x", "seed": "--seed 5"})
 
 
 def test_tune_entry_point_matches_the_cli():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -22,7 +23,7 @@ from conftest import COLUMNS, make_data_dir
 from rfcx_mlops import config, serve
 from rfcx_mlops import tracking as tracking_module
 from rfcx_mlops.serve import Scorer
-from rfcx_mlops.train import train_fold
+from rfcx_mlops.fit import train_fold
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "tiny.yaml"
@@ -51,6 +52,15 @@ def mlflow_run(tiny_data, tmp_path_factory):
     runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
     assert len(runs) == 1
     return client, runs[0], proc
+
+
+def test_a_training_run_keeps_library_noise_off_stderr(mlflow_run):
+    """No TensorFlow C++ log, no MLflow pickling warning or progress bars, no scikit-learn fold warning."""
+    _, _, proc = mlflow_run
+    noise = re.compile(r"^[IWEF]\d{4} |absl::InitializeLog|oneDNN|cuInit|cuda drivers|cpu_feature_guard|CloudPickle|"
+                       r"Downloading artifacts|least populated class")
+    assert [line for line in proc.stderr.splitlines() if noise.search(line)] == []
+    assert re.search(r"INFO rfcx_mlops.fit: fold 2: \d+ training and \d+ validation samples", proc.stderr)
 
 
 def test_entry_point_params_reach_the_run(mlflow_run):

@@ -36,7 +36,7 @@ def write_space(tmp_path: Path, space: dict, **sections) -> Path:
 
 
 def test_project_search_space_loads_and_keeps_max_above_min():
-    space = tune.load_space(ROOT / tune.DEFAULT_SEARCH)
+    space = studies.load_space(ROOT / tune.DEFAULT_SEARCH)
     assert [r.key for r in space.ranges] == ["augment.min_snr", "augment.max_snr", "data.crop_seconds",
                                              "train.learning_rate", "model.dropout"]
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
@@ -53,7 +53,7 @@ def test_project_search_space_loads_and_keeps_max_above_min():
 
 
 def test_integer_keys_are_drawn_as_integers(tmp_path):
-    space = tune.load_space(write_space(tmp_path, {"train.epochs": {"low": 2, "high": 9}}))
+    space = studies.load_space(write_space(tmp_path, {"train.epochs": {"low": 2, "high": 9}}))
     trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
     value = space.suggest(trial)["train.epochs"]
     assert isinstance(value, int) and 2 <= value <= 9
@@ -76,7 +76,7 @@ def test_integer_keys_are_drawn_as_integers(tmp_path):
 def test_bad_search_space_is_one_clear_error(tmp_path, space, sections, message):
     path = write_space(tmp_path, space, **sections)
     with pytest.raises(ConfigError) as err:
-        tune.load_space(path)
+        studies.load_space(path)
     assert str(err.value).startswith(f"{path}: ") and message in str(err.value)
 
 

@@ -1,0 +1,91 @@
+"""What the command lines share: one-line errors, quiet libraries, TensorFlow imported after the checks.
+
+A command parses and checks its arguments and its config with the standard library, PyYAML
+and ``config`` alone, so that ``--help`` and a bad value answer at once; only then does it
+import the modules that bring in TensorFlow, through ``import_quietly``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import math
+import os
+import signal
+import sys
+from types import ModuleType
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line: ``error: argument --hop: expected seconds > 0; got '0'``."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def add_verbose(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the libraries' own logs too (TensorFlow's C++ log, MLflow's progress bars)")
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected seconds > 0; got {text!r}")
+    return value
+
+
+def setup(verbose: bool) -> None:
+    """Our log lines at INFO; the libraries' chatter off the terminal unless ``verbose``.
+
+    Set before TensorFlow or MLflow is imported, as environment variables they read then; a
+    variable the user set wins.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "3")
+    if not verbose:
+        # A progress bar for each checkpoint read back from a local store says nothing.
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format=LOG_FORMAT)
+    logging.getLogger("rfcx_mlops").setLevel(logging.INFO)
+
+
+def import_quietly(name: str, verbose: bool) -> ModuleType:
+    """Import module ``name``, which brings in TensorFlow, and have TensorFlow find its devices.
+
+    TensorFlow prints a dozen lines of C++ log while it loads (oneDNN, CUDA drivers, CPU
+    features, and on a CPU-only machine a cuInit "error"), some of them before any setting
+    is read; they go to /dev/null unless ``verbose``.  Python errors are raised as usual.
+    """
+    if verbose:
+        module = importlib.import_module(name)
+        importlib.import_module("tensorflow").config.list_physical_devices()
+        return module
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        module = importlib.import_module(name)
+        importlib.import_module("tensorflow").config.list_physical_devices()
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    return module
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def interrupt_on_sigterm() -> None:
+    """`mlflow run` stops its child with SIGTERM: handle it as Ctrl-C, so runs end KILLED."""
+    signal.signal(signal.SIGTERM, _interrupt)

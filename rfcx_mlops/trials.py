@@ -1,0 +1,243 @@
+"""A tuning trial, tracked in MLflow: train its folds, feed the pruner, record its state on its runs.
+
+``tune`` (the command line) opens the study; ``optimize`` runs its trials here, each as nested
+MLflow runs under one parent run per worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import keras
+import mlflow
+import numpy as np
+import optuna
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from rfcx_mlops import fit, tracking
+from rfcx_mlops.config import Config, to_yaml, with_overrides
+from rfcx_mlops.study import SearchSpace, redact
+
+log = logging.getLogger("rfcx_mlops.tune")
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # what --n-trials counts; a failed trial is not counted
+MAX_FAILURES_IN_A_ROW = 3
+
+
+def _trial_runs(parent_run_id: str, study: str, number: int) -> list[mlflow.entities.Run]:
+    """The MLflow runs of one trial (a trial run, or a trial run and its folds' runs), found by their tags."""
+    client = MlflowClient()
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    quoted = study.replace("'", "\\'")
+    return client.search_runs([experiment], f"tags.study = '{quoted}' and tags.trial_number = '{number}'")
+
+
+class RequeueStale:
+    """For a trial whose worker stopped sending heartbeats: its MLflow runs end KILLED, its params run again."""
+
+    def __init__(self):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self._retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        log.warning("trial %d went stale (its worker stopped sending heartbeats): queued again", trial.number)
+        parent = trial.user_attrs.get("mlflow_parent_run")
+        if parent:
+            client = MlflowClient()
+            reason = f"trial {trial.number}: its worker stopped sending heartbeats (killed or hung)"
+            runs = _trial_runs(parent, study.study_name, trial.number)
+            for run in runs:
+                client.set_tag(run.info.run_id, "trial_state", TrialState.FAIL.name)
+                tracking.drop_checkpoints(run.info.run_id, keep_last=False)  # the trial runs again from scratch
+            for run in [client.get_run(parent), *runs]:
+                if run.info.status == "RUNNING":
+                    client.set_tag(run.info.run_id, "failure_reason", reason)
+                    client.set_terminated(run.info.run_id, "KILLED")
+        self._retry(study, trial)
+
+
+class _Reporter(keras.callbacks.Callback):
+    """Feeds each epoch's val_lwlrap to the pruner; ends the fit, not the run, when the pruner says so."""
+
+    def __init__(self, trial: optuna.Trial, first_step: int):
+        super().__init__()
+        self.trial = trial
+        self.first_step = first_step
+        self.pruned_at: int | None = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        step = self.first_step + epoch + 1
+        self.trial.report(float((logs or {}).get("val_lwlrap", np.nan)), step)
+        if self.trial.should_prune():
+            self.pruned_at = step
+            self.model.stop_training = True
+
+
+def state_tag(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """After Optuna records a trial: its final state (and error) on each of its MLflow runs; a failed
+    trial's checkpoints go (it is never resumed).
+
+    A trial that failed before training started gets a FAILED run of its own, so that every
+    trial shows in the UI.
+    """
+    client = MlflowClient()
+    parent = trial.user_attrs["mlflow_parent_run"]
+    tags = {"trial_state": trial.state.name}
+    if "error" in trial.user_attrs:
+        tags["failure_reason"] = trial.user_attrs["error"]
+    runs = _trial_runs(parent, study.study_name, trial.number)
+    if not runs:
+        run = client.create_run(client.get_run(parent).info.experiment_id, run_name=f"trial-{trial.number}",
+                                tags={"mlflow.parentRunId": parent, "study": study.study_name,
+                                      "trial_number": str(trial.number)})
+        for key, value in trial.params.items():
+            client.log_param(run.info.run_id, key, value)
+        client.set_terminated(run.info.run_id, "FAILED")
+        runs = [run]
+    for run in runs:
+        for key, value in tags.items():
+            client.set_tag(run.info.run_id, key, value)
+        if trial.state == TrialState.FAIL:  # a failed trial is not resumed: its draw is queued anew or dropped
+            tracking.drop_checkpoints(run.info.run_id, keep_last=False)
+
+
+class Objective:
+    """One trial: draw values, train each fold in nested MLflow runs, return the mean best val_lwlrap."""
+
+    def __init__(self, cfg: Config, folds: list[int], space: SearchSpace, parent_run_id: str, study_name: str,
+                 keep_models: bool):
+        self.cfg, self.folds, self.space, self.keep_models = cfg, folds, space, keep_models
+        self.parent_run_id, self.study_name = parent_run_id, study_name
+        self.current: optuna.Trial | None = None
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        self.current = trial
+        trial.set_user_attr("mlflow_parent_run", self.parent_run_id)
+        keras.backend.clear_session()  # the last trial's graphs and layer names are freed
+        values = self.space.suggest(trial)
+        tags = {"study": self.study_name, "trial_number": str(trial.number)}
+        log.info("trial %d: %s", trial.number, ", ".join(f"{k}={v:.4g}" for k, v in values.items()))
+        try:
+            cfg = with_overrides(self.cfg, values)
+            if len(self.folds) == 1:
+                value, pruned = self._fold(trial, cfg, self.folds[0], 0, self.parent_run_id,
+                                           {**tags, "mlflow.runName": f"trial-{trial.number}"})
+            else:
+                value, pruned = self._folds(trial, cfg, tags)
+        except Exception as exc:
+            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:5000])
+            self.current = None
+            raise
+        self.current = None  # only a Ctrl-C leaves it set: that trial is queued again
+        if pruned:
+            raise optuna.TrialPruned(f"val_lwlrap below the median of earlier trials at epoch {pruned}")
+        return value
+
+    def _fold(self, trial, cfg, fold, index, parent, tags) -> tuple[float, int | None]:
+        reporter = _Reporter(trial, index * cfg.train.epochs)
+        result = fit.train_fold(cfg, fold, parent_run_id=parent, callbacks=(reporter,), tags=tags,
+                                  log_model=self.keep_models)
+        return result.best_val_lwlrap, reporter.pruned_at
+
+    def _folds(self, trial, cfg, tags) -> tuple[float, int | None]:
+        """Several folds: a trial run with the mean, the folds' runs nested in it."""
+        with mlflow.start_run(run_name=f"trial-{trial.number}", parent_run_id=self.parent_run_id, nested=True) as run:
+            mlflow.set_tags({**tags, "folds": ",".join(map(str, self.folds))})
+            tracking.log_config(cfg)
+            scores = []
+            for index, fold in enumerate(self.folds):
+                value, pruned = self._fold(trial, cfg, fold, index, run.info.run_id, tags)
+                scores.append(value)
+                mlflow.log_metric(f"best_val_lwlrap_fold{fold}", value)
+                if pruned:
+                    return float(np.mean(scores)), pruned
+            mlflow.log_metrics({"best_val_lwlrap": float(np.mean(scores)), "std_val_lwlrap": float(np.std(scores))})
+        return float(np.mean(scores)), None
+
+
+def log_study(study: optuna.Study) -> dict[str, Any] | None:
+    """Best value and params and Optuna's plots on the active (parent) run; the best trial's summary."""
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    counts = {s.name.lower(): sum(t.state == s for t in study.trials) for s in TrialState}
+    mlflow.log_metrics({f"trials_{k}": v for k, v in counts.items()})
+    if not done:
+        return None
+    best = study.best_trial
+    mlflow.log_metrics({"best_value": best.value, "best_trial": best.number})
+    mlflow.log_params({f"best.{k}": v for k, v in best.params.items()})
+    mlflow.log_dict({"value": best.value, "trial": best.number, "params": best.params}, "best_params.json")
+    import matplotlib.pyplot as plt  # Optuna's plots draw on pyplot figures
+    from optuna.visualization import matplotlib as plots
+
+    for name in ("optimization_history", "param_importances", "parallel_coordinate", "slice"):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                axes = getattr(plots, f"plot_{name}")(study)
+        except (ValueError, RuntimeError, ZeroDivisionError) as exc:
+            log.info("no %s plot yet: %s", name, exc)
+            continue
+        fig = np.ravel(axes)[0].figure
+        fig.set_size_inches(max(fig.get_size_inches()[0], 10), max(fig.get_size_inches()[1], 5))
+        mlflow.log_figure(fig, f"plots/{name}.png")
+        plt.close(fig)
+    return {"value": best.value, "number": best.number, "params": best.params}
+
+
+def optimize(study: optuna.Study, cfg: Config, folds: list[int], space, args) -> tuple[dict[str, Any] | None, str]:
+    """Trials until the study holds ``args.n_trials`` counted ones, in one MLflow parent run.
+
+    Returns the best trial's summary (None before any completed) and, when this worker stopped
+    after ``MAX_FAILURES_IN_A_ROW`` failed trials in a row, the last error ("" otherwise).
+    """
+    counted = sum(t.state in COUNTED for t in study.trials)
+    remaining = args.n_trials - counted
+    tracking.use_default_experiment()
+    with mlflow.start_run(run_name=f"study-{study.study_name}") as parent:
+        # Under `mlflow run -e tune` this is the run MLflow opened, which holds the -P values as plain params.
+        mlflow.set_tags({"mlflow.runName": f"study-{study.study_name}", "study": study.study_name,
+                         "storage": redact(args.storage), "preset": cfg.name, "git_commit": tracking.git_commit(),
+                         "folds": ",".join(map(str, folds))})
+        mlflow.log_params({"tune.n_trials": args.n_trials, "tune.timeout": args.timeout, "tune.folds": args.folds,
+                           "tune.search": args.search, "tune.config": args.config})
+        mlflow.log_text(to_yaml(cfg), "config.yaml")
+        mlflow.log_text(Path(args.search).read_text(), "search.yaml")
+        objective = Objective(cfg, folds, space, parent.info.run_id, study.study_name, args.keep_models)
+        failures = _FailureLimit(MAX_FAILURES_IN_A_ROW)
+        if remaining > 0:
+            log.info("study %s: %d of %d trials done", study.study_name, counted, args.n_trials)
+            enough = optuna.study.MaxTrialsCallback(args.n_trials, states=COUNTED)
+            try:
+                study.optimize(objective, timeout=args.timeout, catch=(Exception,),
+                               callbacks=[state_tag, enough, failures])
+            except KeyboardInterrupt:
+                if objective.current is not None:  # the interrupted draw runs first next time
+                    study.enqueue_trial(objective.current.params)
+                    state_tag(study, next(t for t in study.get_trials(deepcopy=False)
+                                           if t.number == objective.current.number))
+                mlflow.set_tag("failure_reason", "interrupted (Ctrl-C or SIGTERM)")
+                mlflow.end_run("KILLED")
+                raise
+        else:
+            log.info("study %s already holds %d completed or pruned trials (--n-trials %d)", study.study_name,
+                     counted, args.n_trials)
+        best = log_study(study)
+    return best, failures.last_error if failures.tripped else ""
+
+
+class _FailureLimit:
+    """Stops this worker after ``limit`` failed trials in a row: a broken setup, not an unlucky draw."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_a_row, self.tripped, self.last_error = limit, 0, False, ""
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.in_a_row = self.in_a_row + 1 if trial.state == TrialState.FAIL else 0
+        self.last_error = trial.user_attrs.get("error", "")
+        if self.in_a_row >= self.limit:
+            self.tripped = True
+            study.stop()

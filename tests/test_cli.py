@@ -1,0 +1,140 @@
+"""The command lines as a person meets them: --help, one-line refusals that name the bad value, no TensorFlow first."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "tests" / "tiny.yaml"
+
+
+def run_cli(module: str, *args: str, cwd: Path = ROOT, importtime: bool = False) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
+    flags = ["-X", "importtime"] if importtime else []
+    return subprocess.run([sys.executable, *flags, "-m", f"rfcx_mlops.{module}", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def imported(proc: subprocess.CompletedProcess) -> set[str]:
+    """Top-level packages a ``-X importtime`` run imported."""
+    return {m.group(1) for m in re.finditer(r"^import time:.*\|\s+(\w+)\s*$", proc.stderr, re.M)}
+
+
+@pytest.mark.parametrize("module", ["train", "tune", "predict", "report", "synth", "dataset"])
+def test_help_answers_without_tensorflow(module):
+    proc = run_cli(module, "--help", importtime=True)
+    assert proc.returncode == 0 and proc.stdout.startswith(f"usage: python -m rfcx_mlops.{module}")
+    assert "tensorflow" not in imported(proc) and "keras" not in imported(proc)
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("train", ["--fold", "0"], "error: --fold 0: fold must be within 1..3 (folds.n_splits); got 0"),
+    ("train", ["--fold", "x"], "error: --fold must be a number or all; got 'x'"),
+    ("train", ["--config", str(TINY), "--epochs", "abc"],
+     "error: --epochs abc: train.epochs must be an integer; got 'abc'"),
+    ("train", ["--config", str(TINY), "--set", "train.epochs=abc"],
+     "error: --set train.epochs=abc: train.epochs must be an integer; got 'abc'"),
+    ("train", ["--config", str(TINY), "--set", "model.dropout=2"],
+     "error: --set model.dropout=2: model.dropout must be within [0, 1); got 2.0"),
+    ("train", ["--config", str(TINY), "--min-snr", "30", "--max-snr", "25"],
+     "error: --min-snr 30, --max-snr 25: augment.min_snr (30.0) must not exceed augment.max_snr (25.0)"),
+    ("train", ["--bogus"], "error: unrecognized arguments: --bogus (see --help)"),
+    ("predict", ["--run-id", "x", "--hop", "0"], "error: argument --hop: expected seconds > 0; got '0' (see --help)"),
+    ("predict", ["--run-id", "x", "--hop", "-1"], "error: argument --hop: expected seconds > 0; got '-1' (see --help)"),
+    ("predict", ["--run-id", "x", "--hop", "abc"],
+     "error: argument --hop: expected seconds > 0; got 'abc' (see --help)"),
+    ("predict", ["--run-id", "x", "--data-dir", "/no/such/folder"], "error: /no/such/folder: no such folder"),
+    ("tune", ["--config", str(TINY), "--n-trials", "0"], "error: --n-trials must be > 0; got 0"),
+    ("tune", ["--config", str(TINY), "--timeout", "0"],
+     "error: argument --timeout: expected seconds > 0; got '0' (see --help)"),
+    ("tune", ["--config", str(TINY), "--storage", "redis://x"], "error: --storage redis://x: unknown scheme 'redis'; "
+     "use sqlite:///FILE (one worker) or postgresql://USER:PASSWORD@HOST/DB (many)"),
+    ("synth", ["out", "--recordings", "0"], "error: argument --recordings: must be >= 1, got 0 (see --help)"),
+    ("dataset", ["check"], "error: the following arguments are required: data_dir (see --help)"),
+])
+def test_a_refusal_is_one_line_before_tensorflow(tmp_path, module, args, message):
+    proc = run_cli(module, *args, importtime=True)
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+    assert proc.returncode == 2 and lines == [message], proc.stderr[-2000:]
+    assert "tensorflow" not in imported(proc)
+
+
+def test_a_bad_value_in_the_preset_file_names_the_file(tmp_path):
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("train:\n  epochs: many\n")
+    proc = run_cli("train", "--config", str(preset), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"error: {preset}: train.epochs must be an integer; got 'many'"]
+
+
+def test_report_outside_a_store_creates_nothing(tmp_path):
+    proc = run_cli("report", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [f"error: no MLflow store here: {tmp_path / 'mlflow.db'} does not exist; run "
+                                        "this where the runs were made, or set MLFLOW_TRACKING_URI to their store"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dataset_check_help_explains_every_argument():
+    proc = run_cli("dataset", "check", "--help")
+    assert "the folder holding train_tp.csv" in proc.stdout and "species ids run from 0" in proc.stdout
+
+
+# --- the README's commands -------------------------------------------------------------------------------------
+
+PLACEHOLDERS = {"<run id>": "0123456789abcdef0123456789abcdef", "<id>": "0123456789abcdef"}
+
+
+def readme_commands() -> list[str]:
+    """Every command line of the README's bash blocks (continuations joined, comments dropped)."""
+    text = (ROOT / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if line and not line.startswith("#"):
+                commands.append(line)
+    return commands
+
+
+def test_readme_commands_use_what_exists():
+    """Each README command names an existing Makefile target, MLproject entry point and parameters (with
+    --env-manager local, which a machine without conda needs), or parses with its module's own parser into
+    a valid config.  (Most of them train for hours: the tests run their tiny versions.)"""
+    from rfcx_mlops import config, dataset, predict, report, synth, train, tune
+
+    parsers = {m.__name__.split(".")[-1]: m.parse_args for m in (dataset, predict, report, synth, train, tune)}
+    makefile = (ROOT / "Makefile").read_text()
+    entry_points = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]
+    seen = set()
+    for command in readme_commands():
+        for placeholder, value in PLACEHOLDERS.items():
+            command = command.replace(placeholder, value)
+        words = shlex.split(re.sub(r"\[[^]]*\]", "", command))  # [optional] parts are documented, not typed
+        words = [w for w in words if "=" not in w or not re.fullmatch(r"[A-Z_]+=.*", w)]  # VAR=value prefixes
+        if words[:1] == ["make"]:
+            assert re.search(rf"^{words[1]}:", makefile, re.M), command
+        elif words[:2] == ["mlflow", "run"]:
+            entry = words[words.index("-e") + 1] if "-e" in words else "main"
+            assert entry in entry_points and "--env-manager" in words, command
+            params = [words[i + 1].split("=")[0] for i, w in enumerate(words) if w == "-P"]
+            assert set(params) <= set(entry_points[entry]["parameters"]), command
+        elif words[:2] == ["python", "-m"] and words[2].removeprefix("rfcx_mlops.") in parsers:
+            module = words[2].removeprefix("rfcx_mlops.")
+            args = parsers[module](words[3:])
+            if module == "train" and not args.resume:  # the preset and every override make a valid config
+                config.load(ROOT / args.config, *train.overrides_from(args))
+            elif module == "tune":
+                config.load(ROOT / args.config, config.parse_sets(args.set))
+        else:
+            continue
+        seen.add(words[0] + " " + words[1])
+    assert {"make demo", "make test", "mlflow run", "python -m"} <= seen
