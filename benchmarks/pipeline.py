@@ -41,7 +41,6 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 
 from rfcx_mlops import augment, config, dataset  # noqa: E402
 from rfcx_mlops.generator import SpectrogramBatches, make_samples  # noqa: E402
-from rfcx_mlops.fit import resolve_data_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # The notebook ran librosa 0.8, whose pitch_shift resampled with resampy's kaiser_best; librosa 0.10
@@ -190,14 +189,13 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = {"data.data_dir": args.data_dir} if args.data_dir else {}
     cfg = config.load(args.config, overrides)
-    data_dir, _ = resolve_data_dir(cfg)
-    data = dataset.load(data_dir, cfg.data.n_classes, cfg.data.sample_rate)
+    data = dataset.prepare(cfg)
     tp = data.tp.iloc[: args.samples]
     rows = [(str(data.recordings[r.recording_id].path), r.t_min, r.t_max) for r in tp.itertuples()]
     batch = cfg.train.batch_size
     steps = max(16 * args.workers, -(-4 * len(rows) // batch))  # whole batches, many per worker, as in an epoch
     cfg = config.load(args.config, {**overrides, "train.steps_per_epoch": steps})
-    print(f"{cfg.name} preset, {len(rows)} windows of {cfg.data.crop_seconds:g} s from {data_dir}; "
+    print(f"{cfg.name} preset, {len(rows)} windows of {cfg.data.crop_seconds:g} s from {data.data_dir}; "
           f"{cfg.features.n_mels} x {cfg.features.frames} images; augment.domain={cfg.augment.domain}; "
           f"{os.cpu_count()} cores")
 

@@ -31,7 +31,6 @@ from rfcx_mlops import config, dataset, tracking  # noqa: E402
 from rfcx_mlops.config import parse_sets  # noqa: E402
 from rfcx_mlops.generator import make_batches, make_samples  # noqa: E402
 from rfcx_mlops.model import build, precision_and_devices  # noqa: E402
-from rfcx_mlops.fit import resolve_data_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {**({"data.data_dir": args.data_dir} if args.data_dir else {}), **parse_sets(args.set),
                  "train.steps_per_epoch": args.warmup + args.steps}
     cfg = config.load(args.config, overrides)
-    data_dir, _ = resolve_data_dir(cfg)
-    data = dataset.load(data_dir, cfg.data.n_classes, cfg.data.sample_rate)
+    data = dataset.prepare(cfg)
     samples = make_samples(data.tp, data.recordings, cfg.data.crop_seconds, cfg.data.n_classes)
     workers = cfg.train.workers or os.cpu_count() or 1
     batch = cfg.train.batch_size

@@ -13,7 +13,11 @@ line naming the file and the line of the CSV (the header is line 1).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
+import logging
+import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +25,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rfcx_mlops import cli
+from rfcx_mlops import cli, synth
 from rfcx_mlops.audio import AUDIO_SUFFIXES, AudioError, AudioInfo, probe
-from rfcx_mlops.config import UserError
+from rfcx_mlops.config import Config, ConfigError, UserError
+
+log = logging.getLogger("rfcx_mlops.dataset")
 
 TP_FILE = "train_tp.csv"
 FP_FILE = "train_fp.csv"
@@ -47,6 +53,7 @@ class Dataset:
     fp: pd.DataFrame  # validated rows of train_fp.csv (empty when the file is absent)
     recordings: dict[str, AudioInfo]  # every recording the CSVs reference
     test: dict[str, AudioInfo]
+    demo: bool = False  # the built-in demo data set
 
 
 def no_events() -> pd.DataFrame:
@@ -195,6 +202,44 @@ def load(data_dir: str | Path, n_classes: int, sample_rate: int) -> Dataset:
     if dataset.tp.empty:
         raise DataError(f"{Path(data_dir) / TP_FILE}: holds no labelled calls")
     return dataset
+
+
+def resolve_data_dir(cfg: Config) -> tuple[Path, bool]:
+    """The configured data folder, or the demo data set (built once, then reused). True when it is the demo."""
+    if cfg.data.data_dir:
+        return Path(cfg.data.data_dir), False
+    name = f"n{cfg.data.demo_recordings}-seed{cfg.data.demo_seed}-v{synth.GENERATOR_VERSION}"
+    folder = Path(cfg.data.demo_dir) / name
+    if (folder / TP_FILE).is_file():
+        log.info("using the cached demo data set in %s", folder)
+        return folder, True
+    log.info("no data_dir given: building the demo data set (%d recordings) in %s", cfg.data.demo_recordings, folder)
+    tmp = folder.with_name(f".{name}.partial-{os.getpid()}")
+    try:
+        synth.build(tmp, recordings=cfg.data.demo_recordings, seed=cfg.data.demo_seed)
+        os.replace(tmp, folder)  # a half-built demo set is never taken for a cached one
+    except OSError:
+        if not (folder / TP_FILE).is_file():
+            raise
+        log.info("another run built %s first; using it", folder)  # two folds started at once
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder, True
+
+
+def prepare(cfg: Config) -> Dataset:
+    """The data set a run of ``cfg`` trains on, loaded and validated: load it once for all the folds of a
+    cross-validation run or all the trials of a study."""
+    data_dir, is_demo = resolve_data_dir(cfg)
+    return dataclasses.replace(load(data_dir, cfg.data.n_classes, cfg.data.sample_rate), demo=is_demo)
+
+
+def check_crop(cfg: Config, data: Dataset) -> None:
+    """A training window must fit in every labelled recording."""
+    shortest = min(data.recordings[rid].duration for rid in data.tp["recording_id"].unique())
+    if cfg.data.crop_seconds > shortest:
+        raise ConfigError(f"data.crop_seconds {cfg.data.crop_seconds} is longer than the shortest recording "
+                          f"({shortest:.2f} s)")
 
 
 def fingerprint(data_dir: str | Path) -> str:

@@ -33,7 +33,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, PERMISSION_DENIED
 
-from rfcx_mlops import audio, tracking
+from rfcx_mlops import audio
 from rfcx_mlops.config import Config, ConfigError, UserError, from_dict, to_yaml
 from rfcx_mlops.features import MelFeatures
 
@@ -239,12 +239,17 @@ def load_run(run_id: str, folder: Path, hop_seconds: float | None = None) -> tup
     except mlflow.exceptions.MlflowException:
         raise ModelError(f"run {run_id} not found in {mlflow.get_tracking_uri()}") from None
     try:
-        cfg = tracking.logged_config(run)
+        cfg = logged_config(run)
     except mlflow.exceptions.MlflowException:
         raise ModelError(f"run {run_id} has no config.yaml: not a training run") from None
     models, ids = _run_models(run, folder)
     log.info("run %s: %d model(s) from %s", run_id, len(models), ", ".join(ids))
     return run, Scorer(models, cfg, hop_seconds)
+
+
+def logged_config(run: mlflow.entities.Run) -> Config:
+    """The config ``run`` was started with, read back from its config.yaml (MlflowException where it has none)."""
+    return from_dict(yaml.safe_load(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.yaml")))
 
 
 def download_weights(model_uri: str, dst: Path, client: MlflowClient | None = None) -> Path:
@@ -255,8 +260,14 @@ def download_weights(model_uri: str, dst: Path, client: MlflowClient | None = No
                                                     dst_path=str(dst), tracking_uri=client.tracking_uri))
 
 
+# What this module and the modules it imports need, which is all a served model runs.
+SERVING_PACKAGES = ("tensorflow", "keras", "numpy", "pandas", "scipy", "librosa", "soundfile", "soxr", "pyyaml",
+                    "mlflow")
+
+
 def _requirements() -> list[str]:
-    """The package's pinned dependencies: a model served elsewhere gets the versions it was trained with."""
+    """The pins of the packages serving needs: a model served elsewhere gets the versions it was trained with."""
     from importlib.metadata import requires
 
-    return [r for r in requires("rfcx_mlops") or [] if "extra ==" not in r]
+    pins = [r for r in requires("rfcx_mlops") or [] if "extra ==" not in r]
+    return [r for r in pins if r.split("==")[0].lower() in SERVING_PACKAGES]

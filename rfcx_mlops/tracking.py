@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import os
 import platform
+import signal
 import subprocess
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import keras
 import mlflow
 import numpy as np
 import pandas as pd
-import yaml
 from matplotlib.figure import Figure  # drawn without pyplot: no global backend or figure state
 from mlflow.entities import Metric, RunTag
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-from rfcx_mlops.config import DEFAULT_EXPERIMENT, Config, flatten, from_dict, to_yaml
+from rfcx_mlops.config import DEFAULT_EXPERIMENT, Config, flatten, to_yaml
 from rfcx_mlops.metrics import lwlrap
 from rfcx_mlops.model import weights_only
 
@@ -41,6 +43,33 @@ def use_default_experiment() -> None:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
         mlflow.set_experiment(name)
+
+
+@contextmanager
+def tracked_run(**start_run) -> Iterator[mlflow.ActiveRun]:
+    """``mlflow.start_run(**start_run)``, always ended: FINISHED, or FAILED or KILLED with a ``failure_reason``.
+
+    Single folds, cross-validation runs and tuning workers all end their runs through it.
+    """
+    run = mlflow.start_run(**start_run)
+    try:
+        yield run
+    except KeyboardInterrupt:
+        _ignore_interrupts()  # `mlflow run` follows Ctrl-C with SIGTERM: it must not cut the marking short
+        mlflow.set_tag("failure_reason", "interrupted (Ctrl-C or SIGTERM)")
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException as exc:
+        mlflow.set_tag("failure_reason", f"{type(exc).__name__}: {exc}"[:5000])
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+
+
+def _ignore_interrupts() -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def git_commit() -> str:
@@ -93,11 +122,6 @@ def log_dataset(data_dir: Path, digest: str, is_demo: bool) -> None:
     name = f"rfcx-demo-{data_dir.name}" if is_demo else data_dir.resolve().name
     mlflow.log_input(MetaDataset(LocalArtifactDatasetSource(str(data_dir.resolve())), name=name, digest=digest),
                      context="training")
-
-
-def logged_config(run: mlflow.entities.Run) -> Config:
-    """The config ``run`` was started with, read back from its config.yaml (MlflowException where it has none)."""
-    return from_dict(yaml.safe_load(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.yaml")))
 
 
 def _save(model: keras.Model, folder: Path, name: str) -> Path:

@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 
 from rfcx_mlops import fit, tracking
 from rfcx_mlops.config import Config, to_yaml, with_overrides
+from rfcx_mlops.dataset import Dataset
 from rfcx_mlops.study import SearchSpace, redact
 
 log = logging.getLogger("rfcx_mlops.tune")
@@ -108,9 +109,9 @@ def state_tag(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
 class Objective:
     """One trial: draw values, train each fold in nested MLflow runs, return the mean best val_lwlrap."""
 
-    def __init__(self, cfg: Config, folds: list[int], space: SearchSpace, parent_run_id: str, study_name: str,
-                 keep_models: bool):
-        self.cfg, self.folds, self.space, self.keep_models = cfg, folds, space, keep_models
+    def __init__(self, cfg: Config, data: Dataset, folds: list[int], space: SearchSpace, parent_run_id: str,
+                 study_name: str, keep_models: bool):
+        self.cfg, self.data, self.folds, self.space, self.keep_models = cfg, data, folds, space, keep_models
         self.parent_run_id, self.study_name = parent_run_id, study_name
         self.current: optuna.Trial | None = None
 
@@ -139,13 +140,14 @@ class Objective:
 
     def _fold(self, trial, cfg, fold, index, parent, tags) -> tuple[float, int | None]:
         reporter = _Reporter(trial, index * cfg.train.epochs)
-        result = fit.train_fold(cfg, fold, parent_run_id=parent, callbacks=(reporter,), tags=tags,
+        result = fit.train_fold(cfg, fold, data=self.data, parent_run_id=parent, callbacks=(reporter,), tags=tags,
                                   log_model=self.keep_models)
         return result.best_val_lwlrap, reporter.pruned_at
 
     def _folds(self, trial, cfg, tags) -> tuple[float, int | None]:
         """Several folds: a trial run with the mean, the folds' runs nested in it."""
-        with mlflow.start_run(run_name=f"trial-{trial.number}", parent_run_id=self.parent_run_id, nested=True) as run:
+        with tracking.tracked_run(run_name=f"trial-{trial.number}", parent_run_id=self.parent_run_id,
+                                  nested=True) as run:
             mlflow.set_tags({**tags, "folds": ",".join(map(str, self.folds))})
             tracking.log_config(cfg)
             scores = []
@@ -188,7 +190,8 @@ def log_study(study: optuna.Study) -> dict[str, Any] | None:
     return {"value": best.value, "number": best.number, "params": best.params}
 
 
-def optimize(study: optuna.Study, cfg: Config, folds: list[int], space, args) -> tuple[dict[str, Any] | None, str]:
+def optimize(study: optuna.Study, cfg: Config, data: Dataset, folds: list[int], space: SearchSpace,
+             args) -> tuple[dict[str, Any] | None, str]:
     """Trials until the study holds ``args.n_trials`` counted ones, in one MLflow parent run.
 
     Returns the best trial's summary (None before any completed) and, when this worker stopped
@@ -197,7 +200,7 @@ def optimize(study: optuna.Study, cfg: Config, folds: list[int], space, args) ->
     counted = sum(t.state in COUNTED for t in study.trials)
     remaining = args.n_trials - counted
     tracking.use_default_experiment()
-    with mlflow.start_run(run_name=f"study-{study.study_name}") as parent:
+    with tracking.tracked_run(run_name=f"study-{study.study_name}") as parent:
         # Under `mlflow run -e tune` this is the run MLflow opened, which holds the -P values as plain params.
         mlflow.set_tags({"mlflow.runName": f"study-{study.study_name}", "study": study.study_name,
                          "storage": redact(args.storage), "preset": cfg.name, "git_commit": tracking.git_commit(),
@@ -206,7 +209,7 @@ def optimize(study: optuna.Study, cfg: Config, folds: list[int], space, args) ->
                            "tune.search": args.search, "tune.config": args.config})
         mlflow.log_text(to_yaml(cfg), "config.yaml")
         mlflow.log_text(Path(args.search).read_text(), "search.yaml")
-        objective = Objective(cfg, folds, space, parent.info.run_id, study.study_name, args.keep_models)
+        objective = Objective(cfg, data, folds, space, parent.info.run_id, study.study_name, args.keep_models)
         failures = _FailureLimit(MAX_FAILURES_IN_A_ROW)
         if remaining > 0:
             log.info("study %s: %d of %d trials done", study.study_name, counted, args.n_trials)
@@ -218,9 +221,7 @@ def optimize(study: optuna.Study, cfg: Config, folds: list[int], space, args) ->
                 if objective.current is not None:  # the interrupted draw runs first next time
                     study.enqueue_trial(objective.current.params)
                     state_tag(study, next(t for t in study.get_trials(deepcopy=False)
-                                           if t.number == objective.current.number))
-                mlflow.set_tag("failure_reason", "interrupted (Ctrl-C or SIGTERM)")
-                mlflow.end_run("KILLED")
+                                          if t.number == objective.current.number))
                 raise
         else:
             log.info("study %s already holds %d completed or pruned trials (--n-trials %d)", study.study_name,

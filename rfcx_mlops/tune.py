@@ -102,8 +102,9 @@ def run(args: argparse.Namespace) -> int:
             with_overrides(cfg, {r.key: int(value) if r.integer else value})
     studies.scheme(args.storage)
     trials = cli.import_quietly("rfcx_mlops.trials", args.verbose)
-    data_dir, _ = trials.fit.resolve_data_dir(cfg)
-    trials.fit.dataset.load(data_dir, cfg.data.n_classes, cfg.data.sample_rate)  # bad data fails here, once
+    from rfcx_mlops import dataset  # with the trials' modules, after the checks
+
+    data = dataset.prepare(cfg)  # loaded and checked once: bad data fails here, not in every trial
     preset = flatten(cfg)
     study = studies.open_study(
         args.storage, args.study_name or cfg.name, heartbeat=args.heartbeat, stale_trial=trials.RequeueStale(),
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
             seed=_sampler_seed(cfg.seed, args.storage, n_existing), n_startup_trials=space.sampler_startup_trials),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=space.pruner_startup_trials,
                                            n_warmup_steps=space.pruner_warmup_epochs))
-    best, failed_with = trials.optimize(study, cfg, folds, space, args)
+    best, failed_with = trials.optimize(study, cfg, data, folds, space, args)
     _summary(study, best, args, overrides, cfg.folds.n_splits)
     if failed_with:
         print(f"error: the last {trials.MAX_FAILURES_IN_A_ROW} trials of this worker failed; the last with: "

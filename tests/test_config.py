@@ -109,3 +109,14 @@ def test_images_in_the_model_need_spectrogram_augmentation():
     with pytest.raises(ConfigError, match="features.backend: tensorflow needs augment.domain: spectrogram"):
         config.load(None, {"features.backend": "tensorflow", "augment.domain": "waveform"})
     assert config.load(None, {"features.backend": "tensorflow", "augment.enabled": False}).features.backend
+
+
+def test_warm_up_then_cosine_schedule_values():
+    from rfcx_mlops.model import learning_rate
+
+    cfg = config.load(None, {"train.lr_schedule": "cosine", "train.warmup_epochs": 2, "train.epochs": 10,
+                             "train.learning_rate": 0.002})
+    schedule = learning_rate(cfg, steps_per_epoch=5)  # 10 warm-up steps, then 40 of cosine decay
+    values = {step: float(schedule(step)) for step in (0, 5, 10, 30, 50)}
+    assert values == pytest.approx({0: 0.0, 5: 0.001, 10: 0.002, 30: 0.001, 50: 0.0}, abs=1e-7)
+    assert learning_rate(config.load(None, {}), 5) == 0.001  # constant: the number itself

@@ -247,3 +247,20 @@ def test_real_recordings(shared_rfcx):
     low = probe(shared_rfcx / "audio" / "0a6a36fb6.flac")
     assert low.sample_rate == 16000 and low.duration == pytest.approx(60.0)
     assert read_window(low, 10.0, 10.0, 48000).shape == (480000,)
+
+
+def test_a_run_without_data_dir_builds_the_demo_once_and_reuses_it(tmp_path, caplog):
+    from rfcx_mlops import config
+
+    cfg = config.load(None, {"data.demo_dir": str(tmp_path / "demo"), "data.demo_recordings": 4})
+    with caplog.at_level(logging.INFO, logger="rfcx_mlops.dataset"):
+        data = dataset.prepare(cfg)
+        built = (data.data_dir / "train_tp.csv").stat().st_mtime_ns
+        again = dataset.prepare(cfg)
+    assert data.demo and again.demo and again.data_dir == data.data_dir
+    assert data.data_dir.name.startswith("n4-seed0-v") and len(data.recordings) >= 1 and not data.tp.empty
+    assert (again.data_dir / "train_tp.csv").stat().st_mtime_ns == built
+    assert [r.message for r in caplog.records] == [
+        f"no data_dir given: building the demo data set (4 recordings) in {data.data_dir}",
+        f"using the cached demo data set in {data.data_dir}"]
+    assert [p.name for p in (tmp_path / "demo").iterdir()] == [data.data_dir.name]  # no partial folder left

@@ -54,7 +54,8 @@ def test_validation_yields_every_sample_once_in_order(data):
     np.testing.assert_array_equal(labels, val.samples.labels)
     x, y = val[0]
     assert x.dtype == np.float32 and y.dtype == np.float32 and 0 <= x.min() and x.max() <= 1
-    np.testing.assert_array_equal(val[1][0], val[1][0])
+    clean = np.stack([val.features(val.waveform(i)) for i in range(4, 8)])[..., None]
+    np.testing.assert_allclose(val[1][0], clean, atol=1e-6)  # every window through the clean mel path, unaugmented
     with pytest.raises(IndexError):
         val[3]
 
@@ -139,3 +140,29 @@ def test_empty_samples_refused(data):
     empty = make_samples(data.tp.iloc[:0], data.recordings, 2.0, 24)
     with pytest.raises(ValueError, match="no samples"):
         SpectrogramBatches(empty, data.recordings, cfg, training=False)
+
+
+def test_without_the_audio_cache_the_batches_are_the_same(data):
+    for training in (True, False):
+        cached, uncached = batches(data, training), batches(data, training, **{"train.cache_audio": False})
+        np.testing.assert_array_equal(cached[0][0], uncached[0][0])  # 16-bit files: the cache is exact
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_waveform_batches_make_the_image_batches_in_the_model(data, training):
+    """features.backend: tensorflow: the same windows and draws, the images made by the model's first layer."""
+    import dataclasses
+
+    from rfcx_mlops.features import MelFrontEnd
+    from rfcx_mlops.generator import make_batches
+
+    cfg = config.load(None, {**TINY, "features.backend": "tensorflow"})
+    samples = make_samples(data.tp, data.recordings, cfg.data.crop_seconds, cfg.data.n_classes)
+    waves = make_batches(samples, data.recordings, cfg, training=training)
+    images = batches(data, training)
+    inputs, labels = waves[1]
+    layer = MelFrontEnd(dataclasses.asdict(cfg.features), cfg.data.sample_rate, cfg.augment.max_semitones,
+                        cfg.augment.volume_mode)
+    np.testing.assert_allclose(np.asarray(layer(inputs)), images[1][0], atol=2e-3)
+    np.testing.assert_array_equal(labels, images[1][1])
+    assert training == bool(inputs["semitones"].any() or inputs["gain_db"].any())

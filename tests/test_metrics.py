@@ -62,3 +62,15 @@ def test_mean_of_batch_values_would_differ():
     batch_means = np.mean([lwlrap(y[i : i + 8], s[i : i + 8]) for i in range(0, len(y), 8)
                            if y[i : i + 8].any()])
     assert abs(batch_means - lwlrap(y, s)) > 1e-4
+
+
+def test_sigmoid_outputs_train_with_binary_cross_entropy():
+    from rfcx_mlops import config
+    from rfcx_mlops.model import build
+
+    cfg = config.load(None, {"model.activation": "sigmoid", "features.n_mels": 32, "features.frames": 32,
+                             "model.dense_units": 8})
+    model = build(cfg, steps_per_epoch=1)
+    assert model.loss == "binary_crossentropy" and model.get_layer("species").activation.__name__ == "sigmoid"
+    scores = np.asarray(model(np.random.default_rng(0).random((2, 32, 32, 1), np.float32)))
+    assert scores.shape == (2, 24) and not np.allclose(scores.sum(axis=1), 1.0)  # independent per species
