@@ -40,7 +40,7 @@ from skimage.transform import resize  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 from rfcx_mlops import augment, config, dataset  # noqa: E402
-from rfcx_mlops.generator import SpectrogramBatches, make_samples  # noqa: E402
+from rfcx_mlops.generator import SpectrogramBatches, make_samples, reuse_freed_memory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # The notebook ran librosa 0.8, whose pitch_shift resampled with resampy's kaiser_best; librosa 0.10
@@ -125,17 +125,15 @@ def _reference_worker(args) -> int:
 
 def our_stage_times(batches: SpectrogramBatches, n: int, epoch: int) -> dict[str, list[float]]:
     times: dict[str, list[float]] = defaultdict(list)
-    stages = batches.transform.transforms
     names = {"one_of": "noise", "pitch_shift": "pitch shift", "time_shift": "time shift", "volume": "volume"}
     for i in range(n):
         t0 = time.perf_counter()
-        y = batches._window(i)
+        y = batches.window(i)
         times["window (cached 16-bit)"].append(time.perf_counter() - t0)
         params = {}
-        seeds = np.random.default_rng([batches.cfg.seed, epoch, i, 0]).integers(2**63, size=len(stages))
-        for stage, seed in zip(stages, seeds):
+        for stage, stage_rng in batches.transform.seeded(batches.rng(i, epoch)):
             t0 = time.perf_counter()
-            y, p = stage(y, np.random.default_rng(seed))
+            y, p = stage(y, stage_rng)
             times[names[stage.name]].append(time.perf_counter() - t0)
             params.update(p)
         features = batches.features
@@ -223,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Ours: samples = the same windows; the first pass fills the cache.
     samples = make_samples(tp, data.recordings, cfg.data.crop_seconds, cfg.data.n_classes)
+    reuse_freed_memory()  # as training does
     batches = SpectrogramBatches(samples, data.recordings, cfg, training=True, workers=1)
     n_per_pass = steps * batch
     with threadpool_limits(1):

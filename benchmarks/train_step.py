@@ -29,7 +29,7 @@ import keras  # noqa: E402
 
 from rfcx_mlops import config, dataset, tracking  # noqa: E402
 from rfcx_mlops.config import parse_sets  # noqa: E402
-from rfcx_mlops.generator import make_batches, make_samples  # noqa: E402
+from rfcx_mlops.generator import make_batches, make_samples, reuse_freed_memory  # noqa: E402
 from rfcx_mlops.model import build, precision_and_devices  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     with precision_and_devices(cfg):
         images_model = build(images_cfg, len(samples) // batch)
         model = build(cfg, len(samples) // batch) if cfg.features.backend != "numpy" else images_model
+    reuse_freed_memory()  # as training does
     batches = make_batches(samples, data.recordings, cfg, training=True, workers=workers)
     x, y = make_batches(samples, data.recordings, images_cfg, training=True)[0]
 
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(warm-up {time.perf_counter() - start:.0f} s)", file=sys.stderr)
 
     for i in range(len(samples)):  # a training run fills the cache in its first epoch
-        batches._window(i)
+        batches.window(i)
     times = StepTimes()
     t0 = time.perf_counter()
     model.fit(batches, epochs=1, shuffle=False, callbacks=[times], verbose=0)

@@ -32,13 +32,12 @@ import numpy as np
 import scipy.fft
 import scipy.special
 
-from rfcx_mlops.config import AugmentConfig
+from rfcx_mlops.config import AUGMENT_DOMAINS, SHIFT_PADDINGS, VOLUME_MODES, AugmentConfig
 
 Params = dict[str, Any]
 Stage = Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, Params]]
 
 _SEED_BOUND = 2**63  # seeds drawn for noise and for Compose's stages
-DOMAINS = ("waveform", "spectrogram")  # where PitchShift and VolumeControl act
 
 
 # -- argument checks: each names the argument, so a bad config value is easy to trace --------
@@ -232,7 +231,7 @@ class PitchShift(Transform):
         super().__init__(p)
         self.sr = _integer("sr", sr, 1)
         self.max_semitones = _integer("max_semitones", max_semitones, 0)
-        self.domain = _choice("domain", domain, DOMAINS)
+        self.domain = _choice("domain", domain, AUGMENT_DOMAINS)
 
     def randomize_parameters(self, y: np.ndarray, rng: np.random.Generator) -> Params:
         n = int(rng.integers(-self.max_semitones, self.max_semitones, endpoint=True))
@@ -261,7 +260,7 @@ class TimeShift(Transform):
         super().__init__(p)
         self.sr = _integer("sr", sr, 1)
         self.max_shift_seconds = _real("max_shift_seconds", max_shift_seconds, 0.0)
-        self.padding = _choice("padding", padding, ("replace", "zero"))
+        self.padding = _choice("padding", padding, SHIFT_PADDINGS)
 
     def randomize_parameters(self, y: np.ndarray, rng: np.random.Generator) -> Params:
         limit = round(self.max_shift_seconds * self.sr)
@@ -287,7 +286,11 @@ def envelope(mode: str, t: np.ndarray, n: int) -> np.ndarray:
     if mode == "fade":
         return 1.0 - t / max(n - 1, 1)  # the seed's arange(n)[::-1]/(n-1), defined for n = 1
     phase = 2 * np.pi * t / n
-    return np.cos(phase) if mode == "cosine" else np.sin(phase)
+    if mode == "cosine":
+        return np.cos(phase)
+    if mode == "sine":
+        return np.sin(phase)
+    raise ValueError(f"mode must be one of {', '.join(VOLUME_MODES)}; got {mode!r}")
 
 
 class VolumeControl(Transform):
@@ -305,8 +308,8 @@ class VolumeControl(Transform):
     def __init__(self, max_db: float = 10.0, mode: str = "uniform", p: float = 1.0, domain: str = "waveform") -> None:
         super().__init__(p)
         self.max_db = _real("max_db", max_db, 0.0)
-        self.mode = _choice("mode", mode, ("uniform", "fade", "cosine", "sine"))
-        self.domain = _choice("domain", domain, DOMAINS)
+        self.mode = _choice("mode", mode, VOLUME_MODES)
+        self.domain = _choice("domain", domain, AUGMENT_DOMAINS)
 
     def randomize_parameters(self, y: np.ndarray, rng: np.random.Generator) -> Params:
         return {"gain_db": float(rng.uniform(-self.max_db, self.max_db))}
@@ -373,13 +376,17 @@ class Compose:
         if not all(callable(t) for t in self.transforms):
             raise ValueError(f"transforms must be a list of transforms; got {transforms!r}")
 
+    def seeded(self, rng: np.random.Generator) -> list[tuple[Stage, np.random.Generator]]:
+        """Each stage with its own Generator, seeded by one draw from ``rng`` (all drawn up front)."""
+        if not self.transforms:  # the identity draws nothing
+            return []
+        seeds = rng.integers(_SEED_BOUND, size=len(self.transforms))
+        return [(transform, np.random.default_rng(seed)) for transform, seed in zip(self.transforms, seeds)]
+
     def __call__(self, y: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, Params]:
         merged: Params = {}
-        if not self.transforms:  # the identity draws nothing
-            return y, merged
-        seeds = rng.integers(_SEED_BOUND, size=len(self.transforms))
-        for transform, seed in zip(self.transforms, seeds):
-            y, params = transform(y, np.random.default_rng(seed))
+        for transform, stage_rng in self.seeded(rng):
+            y, params = transform(y, stage_rng)
             for key, value in params.items():
                 unique, n = key, 1
                 while unique in merged:

@@ -17,6 +17,9 @@ import yaml
 
 
 DEFAULT_EXPERIMENT = "rfcx"  # the MLflow experiment runs log to unless told otherwise
+VOLUME_MODES = ("uniform", "fade", "cosine", "sine")  # the volume envelopes (augment.VolumeControl)
+SHIFT_PADDINGS = ("replace", "zero")  # what a time shift fills the window with (augment.TimeShift)
+AUGMENT_DOMAINS = ("spectrogram", "waveform")  # where pitch shift and volume act
 
 
 class UserError(ValueError):
@@ -36,6 +39,11 @@ class DataConfig:
     sample_rate: int = 48000  # audio at another rate is resampled to this
     n_classes: int = 24
     crop_seconds: float = 10.0  # window centred on each labelled call
+
+    @property
+    def window_samples(self) -> int:
+        """A window's length in samples at ``sample_rate``."""
+        return int(round(self.crop_seconds * self.sample_rate))
 
 
 @dataclass(frozen=True)
@@ -114,9 +122,9 @@ class Config:
 
 
 _CHOICES = {
-    "augment.shift_padding": ("replace", "zero"),
-    "augment.volume_mode": ("uniform", "fade", "cosine", "sine"),
-    "augment.domain": ("spectrogram", "waveform"),
+    "augment.shift_padding": SHIFT_PADDINGS,
+    "augment.volume_mode": VOLUME_MODES,
+    "augment.domain": AUGMENT_DOMAINS,
     "features.backend": ("numpy", "tensorflow"),
     "model.activation": ("softmax", "sigmoid"),
     "train.lr_schedule": ("constant", "cosine"),

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rfcx_mlops import cli, synth
+from rfcx_mlops import cli
 from rfcx_mlops.audio import AUDIO_SUFFIXES, AudioError, AudioInfo, probe
 from rfcx_mlops.config import Config, ConfigError, UserError
 
@@ -208,6 +208,8 @@ def resolve_data_dir(cfg: Config) -> tuple[Path, bool]:
     """The configured data folder, or the demo data set (built once, then reused). True when it is the demo."""
     if cfg.data.data_dir:
         return Path(cfg.data.data_dir), False
+    from rfcx_mlops import synth  # which writes this module's layout: it imports this module
+
     name = f"n{cfg.data.demo_recordings}-seed{cfg.data.demo_seed}-v{synth.GENERATOR_VERSION}"
     folder = Path(cfg.data.demo_dir) / name
     if (folder / TP_FILE).is_file():

@@ -22,7 +22,7 @@ from sklearn.metrics import average_precision_score
 
 from rfcx_mlops import dataset, folds, serve, tracking
 from rfcx_mlops.config import Config, ConfigError, check_fold
-from rfcx_mlops.generator import SpectrogramBatches, make_batches, make_samples
+from rfcx_mlops.generator import SpectrogramBatches, make_batches, make_samples, reuse_freed_memory
 from rfcx_mlops.metrics import lwlrap
 from rfcx_mlops.model import build, precision_and_devices, weights_only
 
@@ -80,8 +80,8 @@ class _Start:
     best_weights: list[np.ndarray] | None = None
 
 
-def _new_run(cfg: Config, fold: int, data: dataset.Dataset, train_batches: SpectrogramBatches, folder: Path,
-             tags: dict[str, str]) -> _Start:
+def _new_run(cfg: Config, fold: int, data: dataset.Dataset, assigned: pd.Series, train_batches: SpectrogramBatches,
+             folder: Path, tags: dict[str, str]) -> _Start:
     """A fresh run's record (config, tags, data set, folds, augmentation samples) and its new model."""
     tracking.log_config(cfg)
     digest = dataset.fingerprint(data.data_dir)
@@ -93,7 +93,7 @@ def _new_run(cfg: Config, fold: int, data: dataset.Dataset, train_batches: Spect
     tracking.log_dataset(data.data_dir, digest, data.demo)
     if data.demo:
         log.info("training on the built-in demo data set (%s); tag demo_data=True", data.data_dir)
-    mlflow.log_artifact(str(folds.write_csv(data.tp, cfg.folds.n_splits, cfg.seed, folder / "folds.csv")))
+    mlflow.log_artifact(str(folds.write_csv(data.tp, assigned, folder / "folds.csv")))
     _augmentation_grid(train_batches)
     with precision_and_devices(cfg):
         return _Start(build(cfg, len(train_batches)))
@@ -124,11 +124,13 @@ def train_fold(cfg: Config, fold: int, *, data: dataset.Dataset | None = None, r
     check_fold(cfg, fold)
     data = data or dataset.prepare(cfg)
     dataset.check_crop(cfg, data)
-    train_events, val_events = folds.split(data.tp, fold, cfg.folds.n_splits, cfg.seed)
+    assigned = folds.assign_folds(data.tp, cfg.folds.n_splits, cfg.seed)
+    train_events, val_events = folds.by_fold(data.tp, assigned, fold)
     if val_events.empty or train_events.empty:
         raise ConfigError(f"fold {fold} of {cfg.folds.n_splits} leaves no training or no validation samples")
     sample_args = (data.recordings, cfg.data.crop_seconds, cfg.data.n_classes)
     workers = cfg.train.workers or os.cpu_count() or 1
+    reuse_freed_memory()  # process-wide: the batches' workers allocate many 2-8 MB arrays a sample
     train_batches = make_batches(make_samples(train_events, *sample_args), data.recordings, cfg, training=True,
                                  workers=workers)
     val_batches = make_batches(make_samples(val_events, *sample_args), data.recordings, cfg, training=False,
@@ -149,7 +151,7 @@ def train_fold(cfg: Config, fold: int, *, data: dataset.Dataset | None = None, r
             start = _resumed_run(cfg, run, folder)
             train_batches.set_epoch(start.epoch)
         else:
-            start = _new_run(cfg, fold, data, train_batches, folder, tags or {})
+            start = _new_run(cfg, fold, data, assigned, train_batches, folder, tags or {})
         logger = tracking.EpochLogger(train_batches.samples_per_epoch, folder, best_so_far=start.best,
                                       best_epoch=start.best_epoch, best_weights=start.best_weights)
         model = start.model

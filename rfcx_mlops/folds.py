@@ -39,13 +39,17 @@ def split(events: pd.DataFrame, fold: int, n_splits: int, seed: int) -> tuple[pd
     """(train rows, validation rows) of ``fold``, which is numbered from 1."""
     if not 1 <= fold <= n_splits:
         raise ConfigError(f"fold must be within 1..{n_splits}; got {fold}")
-    folds = assign_folds(events, n_splits, seed)
-    return events[folds != fold].reset_index(drop=True), events[folds == fold].reset_index(drop=True)
+    return by_fold(events, assign_folds(events, n_splits, seed), fold)
 
 
-def write_csv(events: pd.DataFrame, n_splits: int, seed: int, path: str | Path) -> Path:
-    """folds.csv: one line per event with its recording, species, call times and fold."""
+def by_fold(events: pd.DataFrame, assigned: pd.Series, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train rows, validation rows) of ``fold`` under ``assigned`` (``assign_folds``' result)."""
+    return events[assigned != fold].reset_index(drop=True), events[assigned == fold].reset_index(drop=True)
+
+
+def write_csv(events: pd.DataFrame, assigned: pd.Series, path: str | Path) -> Path:
+    """folds.csv: one line per event with its recording, species, call times and fold (``assign_folds``)."""
     table = events[["recording_id", "species_id", "t_min", "t_max"]].copy()
-    table["fold"] = assign_folds(events, n_splits, seed)
+    table["fold"] = assigned
     table.to_csv(path, index=False)
     return Path(path)

@@ -71,7 +71,6 @@ class SpectrogramBatches(keras.utils.PyDataset):
     def __init__(self, samples: Samples, recordings: dict[str, AudioInfo], cfg: Config, *, training: bool,
                  workers: int = 1):
         super().__init__(workers=workers, use_multiprocessing=False)
-        reuse_freed_memory()
         if len(samples) == 0:
             raise ValueError("no samples to batch")
         self.samples = samples
@@ -115,7 +114,7 @@ class SpectrogramBatches(keras.utils.PyDataset):
                 self._cache[i] = compute(i)
             return self._cache[i]
 
-    def _window(self, i: int) -> np.ndarray:
+    def window(self, i: int) -> np.ndarray:
         """Sample ``i``'s decoded window, from the cache after the first time."""
         if not self.cfg.train.cache_audio:
             return self.waveform(i)
@@ -142,8 +141,11 @@ class SpectrogramBatches(keras.utils.PyDataset):
 
     def augmented(self, i: int, epoch: int, repeat: int = 0) -> tuple[np.ndarray, dict]:
         """Sample ``i``'s waveform after the waveform-domain augmentations, and every drawn parameter."""
-        rng = np.random.default_rng([self.cfg.seed, epoch, i, repeat])
-        return self.transform(self._window(i), rng)
+        return self.transform(self.window(i), self.rng(i, epoch, repeat))
+
+    def rng(self, i: int, epoch: int, repeat: int = 0) -> np.random.Generator:
+        """The Generator of sample ``i``'s draws in ``epoch`` (its ``repeat``-th time there)."""
+        return np.random.default_rng([self.cfg.seed, epoch, i, repeat])
 
     def _batch(self, index: int) -> list[tuple[int, int]]:
         """The (sample, repeat) pairs of batch ``index``."""
@@ -191,7 +193,7 @@ class WaveformBatches(SpectrogramBatches):
         if self.training:
             drawn = [self.augmented(i, self.epoch, repeat) for i, repeat in batch]
         else:
-            drawn = [(self._window(i), {}) for i, _ in batch]
+            drawn = [(self.window(i), {}) for i, _ in batch]
         spectral = [augment.spectral_params(params) for _, params in drawn]
         inputs = {"audio": np.stack([y for y, _ in drawn]),
                   "semitones": np.array([s["semitones"] for s in spectral], np.int32),

@@ -38,8 +38,7 @@ def precision_and_devices(cfg: Config):
 
 def waveform_inputs(cfg: Config) -> dict:
     """The inputs of a ``features.backend: tensorflow`` model: a window of audio and its spectral draws."""
-    samples = int(round(cfg.data.crop_seconds * cfg.data.sample_rate))
-    return {"audio": keras.Input((samples,), name="audio"), "semitones": keras.Input((), dtype="int32", name="semitones"),
+    return {"audio": keras.Input((cfg.data.window_samples,), name="audio"), "semitones": keras.Input((), dtype="int32", name="semitones"),
             "gain_db": keras.Input((), name="gain_db")}
 
 

@@ -69,7 +69,7 @@ class Scorer:
 
     def inputs(self, y: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
         """The model input for every window of ``y``: images, or the windows themselves where the model makes them."""
-        n = int(round(self.crop * self.sample_rate))
+        n = self.cfg.data.window_samples
         y = np.pad(y, (0, max(0, n - len(y))))
         starts = window_starts(len(y) / self.sample_rate, self.crop, self.hop)
         windows = np.stack([y[int(round(s * self.sample_rate)):][:n] for s in starts]).astype(np.float32)

@@ -47,6 +47,7 @@ import soundfile as sf
 
 from rfcx_mlops import cli
 from rfcx_mlops.config import DataConfig
+from rfcx_mlops.dataset import COLUMNS
 
 DEMO_RECORDINGS, DEMO_SEED = DataConfig.demo_recordings, DataConfig.demo_seed
 SAMPLE_RATE = 48_000
@@ -56,7 +57,6 @@ N_SPECIES = 24
 PEAK = 0.89  # peak amplitude after normalisation (about -1 dBFS)
 MARKER = ".rfcx_demo.json"
 GENERATOR_VERSION = 1
-COLUMNS = ("recording_id", "species_id", "songtype_id", "t_min", "f_min", "t_max", "f_max")
 LABEL_COLUMNS = ("recording_id",) + tuple(f"s{k}" for k in range(N_SPECIES))
 OUTPUT_FILES = ("train_tp.csv", "train_fp.csv", "test_labels.csv", "sample_submission.csv", MARKER)
 OUTPUT_DIRS = ("train", "test")

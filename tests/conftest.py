@@ -20,11 +20,11 @@ import soundfile as sf
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from rfcx_mlops import synth
+from rfcx_mlops import dataset, synth
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_RFCX = ROOT.parent / "shared" / "rfcx"
-COLUMNS = ["recording_id", "species_id", "songtype_id", "t_min", "f_min", "t_max", "f_max"]
+COLUMNS = list(dataset.COLUMNS)
 
 
 @pytest.fixture(scope="session", autouse=True)

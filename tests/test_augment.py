@@ -308,3 +308,8 @@ def test_from_config_disabled_is_the_identity():
     y = tone(440.0)
     out, params = A.from_config(AugmentConfig(enabled=False), SR)(y, np.random.default_rng(0))
     assert np.array_equal(out, y) and params == {}
+
+
+def test_an_unknown_volume_envelope_is_refused():
+    with pytest.raises(ValueError, match="mode must be one of uniform, fade, cosine, sine; got 'saw'"):
+        A.envelope("saw", np.arange(4), 4)

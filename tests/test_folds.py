@@ -60,7 +60,7 @@ def test_real_metadata_folds(shared_rfcx):
 
 
 def test_write_csv(tmp_path, events):
-    path = folds.write_csv(events, 3, 27, tmp_path / "folds.csv")
+    path = folds.write_csv(events, folds.assign_folds(events, 3, 27), tmp_path / "folds.csv")
     table = pd.read_csv(path)
     assert list(table.columns) == ["recording_id", "species_id", "t_min", "t_max", "fold"]
     assert (table["fold"].to_numpy() == folds.assign_folds(events, 3, 27).to_numpy()).all()

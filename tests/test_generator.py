@@ -119,7 +119,7 @@ def test_worker_threads_share_one_cache_and_give_the_same_batches(data, monkeypa
 def test_cached_audio_is_the_decoded_audio(data):
     tr = batches(data, training=True)
     for i in range(len(tr.samples)):
-        np.testing.assert_array_equal(tr._window(i), tr.waveform(i))  # 16-bit files: exact
+        np.testing.assert_array_equal(tr.window(i), tr.waveform(i))  # 16-bit files: exact
 
 
 def test_every_sample_of_every_epoch_draws_its_own_noise(data):

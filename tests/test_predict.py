@@ -203,11 +203,11 @@ def test_mlflow_models_serve_answers_and_refuses(cv_run, cv_tracking, tiny_data,
     root.mkdir()
     recording = shutil.copy(sorted((tiny_data / "test").iterdir())[1], root / "site.flac")
     write_tone(root / "long.flac", seconds=70.0)
-    sf.write(root / "big.wav", np.zeros(48000 * 30), 48000, subtype="FLOAT")  # 5.8 MB
+    sf.write(root / "big.wav", np.zeros(48000 * 60), 48000, subtype="FLOAT")  # 11.5 MB; a 60 s FLAC is at most 5.8
     (tmp_path / "secret.flac").write_bytes(Path(recording).read_bytes())
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": cv_run.tracking_uri, "RFCX_SERVE_AUDIO_ROOT": str(root),
-           "RFCX_SERVE_MAX_SECONDS": "65", "RFCX_SERVE_MAX_MB": "5",
+           "RFCX_SERVE_MAX_SECONDS": "65", "RFCX_SERVE_MAX_MB": "8",
            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
     server = start_server(["mlflow", "models", "serve", "-m", f"runs:/{cv_run.folds[0].info.run_id}/model",
                            "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
@@ -233,7 +233,7 @@ def test_mlflow_models_serve_answers_and_refuses(cv_run, cv_tracking, tiny_data,
         "device": (403, "path '/dev/zero' is outside the folder this server reads"),
         "missing": (400, "path 'nothing.flac': no such file under"),
         "too long": (400, "path 'long.flac': 70.0 s of audio is over this server's limit of 65 s"),
-        "too big": (400, "path 'big.wav': 5.8 MB is over this server's limit of 5 MB"),
+        "too big": (400, "path 'big.wav': 11.5 MB is over this server's limit of 8 MB"),
         "samples too long": (400, "audio: 70.0 s of audio is over this server's limit of 65 s"),
         "no rate": (400, "a row with audio needs its sample_rate"),
     }
