@@ -138,3 +138,29 @@ def test_readme_commands_use_what_exists():
             continue
         seen.add(words[0] + " " + words[1])
     assert {"make demo", "make test", "mlflow run", "python -m"} <= seen
+
+
+RUN_AS_WRITTEN = ("python -m rfcx_mlops.dataset check", "python -m rfcx_mlops.report", "python -m rfcx_mlops.predict")
+
+
+def test_the_readme_commands_that_need_no_training_run_as_written(cv_run, tiny_data, tmp_path):
+    """With the shared tiny cross-validation run for ``<run id>`` and the tiny data for ``/path/to/rfcx``."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cv_run.tracking_uri)
+    if client.get_experiment_by_name("rfcx") is None:
+        client.create_experiment("rfcx")  # the README's experiment: report lists it (no runs in it here)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": cv_run.tracking_uri,
+           "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
+    ran = []
+    for command in readme_commands():
+        if not command.startswith(RUN_AS_WRITTEN):
+            continue
+        command = re.sub(r"\s*\[[^]]*\]", "", command)  # [optional] parts: the defaults
+        command = command.replace("<run id>", cv_run.folds[0].info.run_id).replace("/path/to/rfcx", str(tiny_data))
+        proc = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, (command, proc.stderr[-2000:])
+        ran.append(command.split()[2])
+    assert sorted(set(ran)) == ["rfcx_mlops.dataset", "rfcx_mlops.predict", "rfcx_mlops.report"]
+    assert (tmp_path / "submission.csv").is_file() and (tmp_path / "runs.csv").is_file()
