@@ -61,7 +61,7 @@ class Scorer:
         self.models, self.cfg = models, cfg
         self.sample_rate = cfg.data.sample_rate
         self.crop = cfg.data.crop_seconds
-        self.hop = hop_seconds or self.crop / 2
+        self.hop = self.crop / 2 if hop_seconds is None else hop_seconds
         if self.hop <= 0:
             raise ConfigError(f"--hop must be > 0 seconds; got {self.hop:g}")
         self.features = MelFeatures(cfg.features, self.sample_rate)

@@ -10,7 +10,6 @@ can share it.  Every invocation is one MLflow parent run with a nested run per t
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shlex
 import sys
@@ -24,7 +23,6 @@ from rfcx_mlops import cli
 from rfcx_mlops import study as studies
 from rfcx_mlops.config import ConfigError, UserError, flatten, load, parse_sets, with_overrides
 
-log = logging.getLogger("rfcx_mlops.tune")
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 DEFAULT_SEARCH = "experiments/search.yaml"
 
