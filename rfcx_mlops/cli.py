@@ -8,6 +8,7 @@ import the modules that bring in TensorFlow, through ``import_quietly``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import math
@@ -15,6 +16,7 @@ import os
 import signal
 import sys
 from types import ModuleType
+from typing import Iterator
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -64,22 +66,25 @@ def import_quietly(name: str, verbose: bool) -> ModuleType:
     features, and on a CPU-only machine a cuInit "error"), some of them before any setting
     is read; they go to /dev/null unless ``verbose``.  Python errors are raised as usual.
     """
-    if verbose:
+    with contextlib.nullcontext() if verbose else _stderr_to_devnull():
         module = importlib.import_module(name)
         importlib.import_module("tensorflow").config.list_physical_devices()
-        return module
+    return module
+
+
+@contextlib.contextmanager
+def _stderr_to_devnull() -> Iterator[None]:
+    """File descriptor 2 to /dev/null: C++ code writes there directly, past ``sys.stderr``."""
     sys.stderr.flush()
     saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     try:
-        module = importlib.import_module(name)
-        importlib.import_module("tensorflow").config.list_physical_devices()
+        yield
     finally:
         sys.stderr.flush()
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
-    return module
 
 
 def _interrupt(signum, frame):

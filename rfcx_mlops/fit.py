@@ -109,7 +109,8 @@ def _resumed_run(cfg: Config, run: mlflow.entities.Run, folder: Path) -> _Start:
     history = mlflow.tracking.MlflowClient().get_metric_history(run_id, "val_lwlrap")
     best = next((m.value for m in history if m.step == best_epoch), -np.inf)
     log.info("resuming run %s after epoch %d (best val_lwlrap %.4f)", run_id, epoch, best)
-    return _Start(model, epoch, best, best_epoch, tracking.best_weights(run_id, best_epoch, model, folder / "best"))
+    return _Start(model, epoch, best, best_epoch, tracking.best_weights(run_id, best_epoch, epoch, model,
+                                                                           folder / "best"))
 
 
 def train_fold(cfg: Config, fold: int, *, data: dataset.Dataset | None = None, resume: str | None = None,

@@ -189,11 +189,13 @@ class EpochLogger(keras.callbacks.Callback):
             tags=[RunTag("checkpoint_epoch", str(step)), RunTag("best_epoch", str(self.best_epoch))])
 
 
-def best_weights(run_id: str, best_epoch: int, last: keras.Model, folder: Path) -> list[np.ndarray] | None:
-    """The best epoch's weights of a run resumed from ``last``: ``last``'s own, or its best.keras checkpoint's."""
+def best_weights(run_id: str, best_epoch: int, last_epoch: int, last: keras.Model,
+                 folder: Path) -> list[np.ndarray] | None:
+    """The best epoch's weights of a run resumed from ``last`` (epoch ``last_epoch``): ``last``'s own, or its
+    best.keras checkpoint's."""
     if best_epoch == 0:
         return None
-    if best_epoch == int(mlflow.get_run(run_id).data.tags.get("checkpoint_epoch", 0)):
+    if best_epoch == last_epoch:
         return last.get_weights()
     return keras.models.load_model(download_checkpoint(run_id, "best", folder), compile=False).get_weights()
 

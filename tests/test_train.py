@@ -242,7 +242,7 @@ def test_checkpoints_hold_each_epoch_s_weights_once(tracking, tmp_path):
         assert all((w == 2).all() for w in logger.best_weights) and logger.best_epoch == 2
         tags = client.get_run(rid).data.tags
         assert (tags["checkpoint_epoch"], tags["best_epoch"]) == ("4", "2")
-        resumed = tracking_module.best_weights(rid, 2, model, tmp_path / "resume")
+        resumed = tracking_module.best_weights(rid, 2, 4, model, tmp_path / "resume")
         assert all((w == 2).all() for w in resumed)  # from best.keras, not from the last epoch
         tracking_module.drop_checkpoints(rid, keep_last=False)
         assert stored(rid) == []
