@@ -130,20 +130,19 @@ def our_stage_times(batches: SpectrogramBatches, n: int, epoch: int) -> dict[str
         t0 = time.perf_counter()
         y = batches.window(i)
         times["window (cached 16-bit)"].append(time.perf_counter() - t0)
-        params = {}
+        spectral = augment.SpectralDraw()
         for stage, stage_rng in batches.transform.seeded(batches.rng(i, epoch)):
             t0 = time.perf_counter()
-            y, p = stage(y, stage_rng)
+            y, _, stage_spectral = stage.draw(y, stage_rng)
             times[names[stage.name]].append(time.perf_counter() - t0)
-            params.update(p)
+            spectral += stage_spectral
         features = batches.features
-        spectral = augment.spectral_params(params) if batches.spectral else {}
         t0 = time.perf_counter()
-        db = features.log_mel(y, **spectral)
+        db = features.log_mel(y, spectral)
         t1 = time.perf_counter()
         features.from_log_mel(db)
         t2 = time.perf_counter()
-        times["STFT, mel + dB" + (" (+ pitch, volume)" if spectral else "")].append(t1 - t0)
+        times["STFT, mel + dB" + (" (+ pitch, volume)" if batches.spectral else "")].append(t1 - t0)
         times["scale + resize"].append(t2 - t1)
     return times
 

@@ -12,6 +12,12 @@ and ``apply`` is deterministic given those values.  ``transform(y, rng)`` return
 augmented samples, and empty when the transform was skipped.  ``transform.apply(y, params)``
 reproduces the output.
 
+Pitch shift and volume can act on the spectrogram instead (``domain="spectrogram"``): they
+then leave the waveform alone and hand the features a ``SpectralDraw``, the typed part of
+the draw that ``features.MelFeatures`` applies to the mel power.  ``transform.draw(y, rng)``
+returns all three, ``Drawn(y, params, spectral)``; calling a pipeline with spectrogram-domain
+stages as ``(y, params)`` is refused, so a draw is never silently dropped.
+
 Outputs have ``y``'s dtype and length.  The input is never modified in place; a transform
 that changes nothing may return ``y`` itself.
 
@@ -25,7 +31,8 @@ from __future__ import annotations
 import functools
 import math
 from numbers import Integral, Real
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol, Sequence
 
 import librosa
 import numpy as np
@@ -35,7 +42,6 @@ import scipy.special
 from rfcx_mlops.config import AUGMENT_DOMAINS, SHIFT_PADDINGS, VOLUME_MODES, AugmentConfig
 
 Params = dict[str, Any]
-Stage = Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, Params]]
 
 _SEED_BOUND = 2**63  # seeds drawn for noise and for Compose's stages
 
@@ -76,18 +82,78 @@ def _peak(y: np.ndarray) -> float:
     return float(np.max(np.abs(y))) if y.size else 0.0
 
 
+# -- what a draw hands on ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpectralDraw:
+    """The spectrogram-domain part of a sample's draw: what the features apply to its mel power.
+
+    ``semitones``: the pitch shift; ``volume``: one ``(envelope mode, gain_db)`` per volume
+    change, their gains in dB adding up.  ``SpectralDraw()`` changes nothing.
+    """
+
+    semitones: int = 0
+    volume: tuple[tuple[str, float], ...] = ()
+
+    def __add__(self, other: SpectralDraw) -> SpectralDraw:
+        return SpectralDraw(self.semitones + other.semitones, self.volume + other.volume)
+
+    def gain_db(self, t: np.ndarray, n: int) -> np.ndarray:
+        """The gain in dB at samples ``t`` of an ``n``-sample window."""
+        total = np.zeros(len(t))
+        for mode, gain_db in self.volume:
+            total += gain_db * envelope(mode, t, n)
+        return total
+
+    def frame_gain_db(self, n: int, hop: int) -> np.ndarray:
+        """The gain in dB of each centred STFT frame of an ``n``-sample window: the gain at the frame's centre.
+
+        A volume envelope changes slowly against a frame (43 ms), so scaling each frame's
+        power by its gain is what the waveform path does, to a fraction of a dB.
+        """
+        return self.gain_db(np.arange(1 + n // hop) * hop, n)
+
+
+class Drawn(NamedTuple):
+    """A stage's result: the waveform, the drawn values (for plots) and the spectrogram-domain draw."""
+
+    y: np.ndarray
+    params: Params
+    spectral: SpectralDraw = SpectralDraw()
+
+
+class Stage(Protocol):
+    """A transform, OneOf or Compose."""
+
+    name: str
+    spectral: bool  # whether it may hand on a spectrogram-domain draw
+
+    def draw(self, y: np.ndarray, rng: np.random.Generator) -> Drawn: ...
+
+
+def _waveform_only(stage: Stage, y: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, Params]:
+    """``stage``'s ``(output, params)``, refused where part of its draw would be for the spectrogram."""
+    if stage.spectral:
+        raise ValueError(f"{stage!r} acts on the spectrogram: call its draw() and pass the SpectralDraw to the features")
+    y, params, _ = stage.draw(y, rng)
+    return y, params
+
+
 # -- the base class ----------------------------------------------------------------------------
 
 
 class Transform:
     """A random waveform transform applied with probability ``p``.
 
-    ``__call__`` always draws its coin (``rng.random() < p``), also for p = 0 or 1, so p's
+    ``draw`` always draws its coin (``rng.random() < p``), also for p = 0 or 1, so p's
     value never changes which numbers the parameters are drawn from; the parameters are
-    drawn only when the transform applies.
+    drawn only when the transform applies.  A transform with ``spectral`` set hands its
+    draw on as a ``SpectralDraw`` (``to_spectral``) instead of applying it.
     """
 
     name = "transform"  # the key prefix / OneOf label that identifies it in params
+    spectral = False
 
     def __init__(self, p: float = 1.0) -> None:
         self.p = _probability(p)
@@ -98,14 +164,22 @@ class Transform:
     def apply(self, y: np.ndarray, params: Params) -> np.ndarray:
         raise NotImplementedError
 
-    def __call__(self, y: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, Params]:
+    def to_spectral(self, params: Params) -> SpectralDraw:
+        raise NotImplementedError
+
+    def draw(self, y: np.ndarray, rng: np.random.Generator) -> Drawn:
         y = np.asarray(y)
         if y.ndim != 1 or not np.issubdtype(y.dtype, np.floating):
             raise ValueError(f"expected a 1-D float waveform; got shape {y.shape}, dtype {y.dtype}")
         if rng.random() >= self.p:
-            return y, {}
+            return Drawn(y, {})
         params = self.randomize_parameters(y, rng)
-        return self.apply(y, params), params
+        if self.spectral:
+            return Drawn(y, params, self.to_spectral(params))
+        return Drawn(self.apply(y, params), params)
+
+    def __call__(self, y: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, Params]:
+        return _waveform_only(self, y, rng)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -221,8 +295,8 @@ class PitchShift(Transform):
 
     Duration is kept (phase vocoder + resampling, ``librosa.effects.pitch_shift``); ``sr`` is
     the waveform's sample rate in Hz.  A species' call moves in frequency between individuals
-    and recorders, which is what this imitates.  With ``domain="spectrogram"`` the waveform
-    is left as it is and ``MelFeatures`` applies the drawn shift, at no cost.
+    and recorders, which is what this imitates.  With ``domain="spectrogram"`` the shift is
+    handed on (``SpectralDraw.semitones``) and ``MelFeatures`` applies it, at no cost.
     """
 
     name = "pitch_shift"
@@ -232,16 +306,20 @@ class PitchShift(Transform):
         self.sr = _integer("sr", sr, 1)
         self.max_semitones = _integer("max_semitones", max_semitones, 0)
         self.domain = _choice("domain", domain, AUGMENT_DOMAINS)
+        self.spectral = self.domain == "spectrogram"
 
     def randomize_parameters(self, y: np.ndarray, rng: np.random.Generator) -> Params:
         n = int(rng.integers(-self.max_semitones, self.max_semitones, endpoint=True))
         return {"semitones": n}
 
     def apply(self, y: np.ndarray, params: Params) -> np.ndarray:
-        if params["semitones"] == 0 or self.domain == "spectrogram":  # the phase vocoder costs 0.2 s a window
+        if params["semitones"] == 0:  # the phase vocoder costs 0.2 s a window
             return y
         shifted = librosa.effects.pitch_shift(y, sr=self.sr, n_steps=params["semitones"])
         return shifted.astype(y.dtype)
+
+    def to_spectral(self, params: Params) -> SpectralDraw:
+        return SpectralDraw(semitones=params["semitones"])
 
 
 class TimeShift(Transform):
@@ -299,8 +377,8 @@ class VolumeControl(Transform):
     The gain in dB at sample t of n is ``gain_db * env(t)``, with env = 1 (``"uniform"``),
     a line from 1 down to 0 (``"fade"``), ``cos(2*pi*t/n)`` (``"cosine"``) or
     ``sin(2*pi*t/n)`` (``"sine"``): the seed's envelopes, imitating a caller moving relative
-    to the recorder.  With ``domain="spectrogram"`` the waveform is left as it is and
-    ``MelFeatures`` scales each STFT frame by the envelope at its centre.
+    to the recorder.  With ``domain="spectrogram"`` the gain is handed on
+    (``SpectralDraw.volume``) and ``MelFeatures`` scales each STFT frame by it.
     """
 
     name = "volume"
@@ -310,6 +388,7 @@ class VolumeControl(Transform):
         self.max_db = _real("max_db", max_db, 0.0)
         self.mode = _choice("mode", mode, VOLUME_MODES)
         self.domain = _choice("domain", domain, AUGMENT_DOMAINS)
+        self.spectral = self.domain == "spectrogram"
 
     def randomize_parameters(self, y: np.ndarray, rng: np.random.Generator) -> Params:
         return {"gain_db": float(rng.uniform(-self.max_db, self.max_db))}
@@ -319,10 +398,11 @@ class VolumeControl(Transform):
         return envelope(self.mode, np.arange(n), n)
 
     def apply(self, y: np.ndarray, params: Params) -> np.ndarray:
-        if self.domain == "spectrogram":
-            return y
         gain = 10 ** (params["gain_db"] * self.envelope(y.size) / 20)
         return (y * gain).astype(y.dtype)
+
+    def to_spectral(self, params: Params) -> SpectralDraw:
+        return SpectralDraw(volume=((self.mode, params["gain_db"]),))
 
 
 # -- combinators -------------------------------------------------------------------------------
@@ -341,19 +421,23 @@ class OneOf:
 
     def __init__(self, transforms: Sequence[Stage], p: float = 1.0, label: str = "choice") -> None:
         self.transforms = list(transforms)
-        if not self.transforms or not all(callable(t) for t in self.transforms):
+        if not self.transforms or not all(hasattr(t, "draw") for t in self.transforms):
             raise ValueError(f"transforms must be a non-empty list of transforms; got {transforms!r}")
         self.p = _probability(p)
         self.label = label
+        self.spectral = any(t.spectral for t in self.transforms)
+
+    def draw(self, y: np.ndarray, rng: np.random.Generator) -> Drawn:
+        if rng.random() >= self.p:
+            return Drawn(y, {})
+        chosen = self.transforms[int(rng.integers(len(self.transforms)))]
+        out, params, spectral = chosen.draw(y, rng)
+        if not params:
+            return Drawn(out, {})
+        return Drawn(out, {self.label: chosen.name, **params}, spectral)
 
     def __call__(self, y: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, Params]:
-        if rng.random() >= self.p:
-            return y, {}
-        chosen = self.transforms[int(rng.integers(len(self.transforms)))]
-        out, params = chosen(y, rng)
-        if not params:
-            return out, {}
-        return out, {self.label: getattr(chosen, "name", type(chosen).__name__), **params}
+        return _waveform_only(self, y, rng)
 
     def __repr__(self) -> str:
         return f"OneOf({self.transforms!r}, p={self.p!r}, label={self.label!r})"
@@ -366,15 +450,16 @@ class Compose:
     front), so whether a stage applies, or which child a OneOf picks, never shifts the numbers
     the later stages draw: tuning ``noise_p`` leaves the pitch shifts of every sample as they
     were.  The stages' params are merged into one flat dict; a key that an earlier stage
-    already used gets a suffix (``snr_db#2``).
+    already used gets a suffix (``snr_db#2``).  Their spectrogram-domain draws add up.
     """
 
     name = "compose"
 
     def __init__(self, transforms: Sequence[Stage]) -> None:
         self.transforms = list(transforms)
-        if not all(callable(t) for t in self.transforms):
+        if not all(hasattr(t, "draw") for t in self.transforms):
             raise ValueError(f"transforms must be a list of transforms; got {transforms!r}")
+        self.spectral = any(t.spectral for t in self.transforms)
 
     def seeded(self, rng: np.random.Generator) -> list[tuple[Stage, np.random.Generator]]:
         """Each stage with its own Generator, seeded by one draw from ``rng`` (all drawn up front)."""
@@ -383,17 +468,22 @@ class Compose:
         seeds = rng.integers(_SEED_BOUND, size=len(self.transforms))
         return [(transform, np.random.default_rng(seed)) for transform, seed in zip(self.transforms, seeds)]
 
-    def __call__(self, y: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, Params]:
+    def draw(self, y: np.ndarray, rng: np.random.Generator) -> Drawn:
         merged: Params = {}
+        spectral = SpectralDraw()
         for transform, stage_rng in self.seeded(rng):
-            y, params = transform(y, stage_rng)
+            y, params, stage_spectral = transform.draw(y, stage_rng)
+            spectral += stage_spectral
             for key, value in params.items():
                 unique, n = key, 1
                 while unique in merged:
                     n += 1
                     unique = f"{key}#{n}"
                 merged[unique] = value
-        return y, merged
+        return Drawn(y, merged, spectral)
+
+    def __call__(self, y: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, Params]:
+        return _waveform_only(self, y, rng)
 
     def __repr__(self) -> str:
         return f"Compose({self.transforms!r})"
@@ -403,8 +493,8 @@ def from_config(cfg: AugmentConfig, sr: int) -> Compose:
     """The seed's pipeline: noise (Gaussian or pink), pitch shift, time shift, volume.
 
     ``sr`` is the waveform's sample rate in Hz.  ``cfg.enabled = False`` gives the identity.
-    With ``cfg.domain = "spectrogram"`` the pitch shift and volume are drawn here and applied
-    by ``MelFeatures`` (``spectral_params``).
+    With ``cfg.domain = "spectrogram"`` the pitch shift and volume are drawn here and handed
+    to the features as the draw's ``SpectralDraw``.
     """
     if not cfg.enabled:
         return Compose([])
@@ -417,8 +507,3 @@ def from_config(cfg: AugmentConfig, sr: int) -> Compose:
         ),
         VolumeControl(max_db=cfg.max_volume_db, mode=cfg.volume_mode, p=cfg.volume_p, domain=cfg.domain),
     ])
-
-
-def spectral_params(params: Params) -> dict[str, Any]:
-    """What ``MelFeatures`` applies of a spectrogram-domain draw: ``{"semitones": n, "gain_db": g}``."""
-    return {"semitones": int(params.get("semitones", 0)), "gain_db": float(params.get("gain_db", 0.0))}

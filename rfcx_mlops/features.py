@@ -7,10 +7,13 @@ the unshifted filter would have seen c * 2^(-n/12), so a shifted sample's mel im
 is the clean power spectrum through a filterbank warped by 2^(n/12) (one per
 semitone, built once); a volume envelope that changes slowly against one STFT frame
 (43 ms) scales each frame's power by its gain squared.  Both are free next to the
-phase vocoder the waveform path runs.
+phase vocoder the waveform path runs.  What to apply comes from the augmentation as an
+``augment.SpectralDraw``.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import keras
 import librosa
@@ -19,8 +22,10 @@ import scipy.fft
 import scipy.sparse
 from numpy.lib.stride_tricks import sliding_window_view
 
-from rfcx_mlops.augment import envelope
 from rfcx_mlops.config import FeatureConfig
+
+if TYPE_CHECKING:
+    from rfcx_mlops.augment import SpectralDraw
 
 _BLOCK_FRAMES = 128  # 1 MB of float32 frames at n_fft 2048
 
@@ -49,14 +54,13 @@ class MelFeatures:
     subtracted (what stands above the steady background), the time axis resized to
     ``frames`` by linear interpolation, then min-max scaling per sample.
 
-    ``max_semitones`` > 0 prepares the warped filterbanks for ``semitones`` in
-    [-max_semitones, max_semitones]; ``volume_mode`` is the envelope ``gain_db`` follows.
+    ``max_semitones`` > 0 prepares the warped filterbanks for pitch shifts in
+    [-max_semitones, max_semitones].
     """
 
-    def __init__(self, cfg: FeatureConfig, sample_rate: int, max_semitones: int = 0, volume_mode: str = "uniform"):
+    def __init__(self, cfg: FeatureConfig, sample_rate: int, max_semitones: int = 0):
         self.cfg = cfg
         self.sample_rate = sample_rate
-        self.volume_mode = volume_mode
         self.window = librosa.filters.get_window("hann", cfg.n_fft, fftbins=True).astype(np.float32)
         banks = {n: mel_filterbank(sample_rate, cfg, 2 ** (n / 12)) for n in range(-max_semitones, max_semitones + 1)}
         # Only the bins some filter reads are squared and summed; the filters are sparse (two per bin at most).
@@ -72,23 +76,24 @@ class MelFeatures:
         n_fft, hop = self.cfg.n_fft, self.cfg.hop_length
         padded = np.pad(np.asarray(y, dtype=np.float32), n_fft // 2)
         frames = sliding_window_view(padded, n_fft)[::hop]
-        bank = self.banks[semitones]
+        bank = self.bank(semitones)
         mel = np.empty((self.cfg.n_mels, len(frames)), np.float32)
         for start in range(0, len(frames), _BLOCK_FRAMES):
             spectrum = scipy.fft.rfft(frames[start : start + _BLOCK_FRAMES] * self.window, axis=-1)[:, : self.n_bins]
             mel[:, start : start + _BLOCK_FRAMES] = bank @ (spectrum.real**2 + spectrum.imag**2).T
         return mel
 
-    def frame_gain(self, gain_db: float, n_samples: int) -> np.ndarray:
-        """Power gain of each frame of an ``n_samples`` window: the volume envelope at the frame centres."""
-        centres = np.arange(1 + n_samples // self.cfg.hop_length) * self.cfg.hop_length
-        return (10.0 ** (gain_db * envelope(self.volume_mode, centres, n_samples) / 10)).astype(np.float32)
+    def bank(self, semitones: int) -> scipy.sparse.csr_array:
+        if semitones not in self.banks:
+            raise ValueError(f"a pitch shift of {semitones} semitones is outside the prepared "
+                             f"±{max(self.banks)}: make the features with a larger max_semitones")
+        return self.banks[semitones]
 
-    def log_mel(self, y: np.ndarray, semitones: int = 0, gain_db: float = 0.0) -> np.ndarray:
-        """Mel power in dB (10 log10: it is power) at the native frame rate, pitch-shifted and scaled as asked."""
-        mel = self.mel_power(y, semitones)
-        if gain_db:
-            mel *= self.frame_gain(gain_db, len(y))
+    def log_mel(self, y: np.ndarray, draw: SpectralDraw | None = None) -> np.ndarray:
+        """Mel power in dB (10 log10: it is power) at the native frame rate, pitch-shifted and scaled as drawn."""
+        mel = self.mel_power(y, draw.semitones if draw else 0)
+        if draw and draw.volume:
+            mel *= (10.0 ** (draw.frame_gain_db(len(y), self.cfg.hop_length) / 10)).astype(np.float32)
         return 10.0 * np.log10(np.maximum(mel, 1e-10))
 
     def from_log_mel(self, db: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -105,10 +110,9 @@ class MelFeatures:
             out[...] = 0.0
         return out
 
-    def __call__(self, y: np.ndarray, semitones: int = 0, gain_db: float = 0.0,
-                 out: np.ndarray | None = None) -> np.ndarray:
+    def __call__(self, y: np.ndarray, draw: SpectralDraw | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """``y``'s image, written into ``out`` when given (a batch's slot: no copy)."""
-        return self.from_log_mel(self.log_mel(y, semitones, gain_db), out)
+        return self.from_log_mel(self.log_mel(y, draw), out)
 
 
 def resize_time(image: np.ndarray, frames: int) -> np.ndarray:
@@ -128,20 +132,20 @@ def _resize_weights(n: int, frames: int) -> tuple[np.ndarray, np.ndarray, np.nda
 class TFMelFeatures:
     """``MelFeatures`` for a batch, as TensorFlow ops: they run on the GPU when there is one.
 
-    ``(batch, samples)`` float32 waveforms (and per sample ``semitones`` and ``gain_db``,
-    the spectrogram-domain draws) -> ``(batch, n_mels, frames)`` images, the same as
-    ``MelFeatures`` gives one by one (tested on the CPU to 1e-3).  The waveform work
-    left to the data workers (cached window, noise, time shift) is then a few ms a sample.
+    ``(batch, samples)`` float32 waveforms -> ``(batch, n_mels, frames)`` images, the same as
+    ``MelFeatures`` gives one by one (tested on the CPU to 1e-3).  For training, each sample's
+    spectrogram-domain draw comes as ``semitones`` (batch,) and ``gain_db`` (batch, STFT frames:
+    ``SpectralDraw.frame_gain_db``).  The waveform work left to the data workers (cached
+    window, noise, time shift) is then a few ms a sample.
     """
 
-    def __init__(self, cfg: FeatureConfig, sample_rate: int, max_semitones: int = 0, volume_mode: str = "uniform"):
+    def __init__(self, cfg: FeatureConfig, sample_rate: int, max_semitones: int = 0):
         import tensorflow as tf
 
         self.tf = tf
         self.cfg = cfg
-        self.volume_mode = volume_mode
         self.max_semitones = max_semitones
-        reference = MelFeatures(cfg, sample_rate, max_semitones, volume_mode)
+        reference = MelFeatures(cfg, sample_rate, max_semitones)
         self.n_bins = reference.n_bins
         self.window = tf.constant(reference.window)
         self.banks = tf.constant(np.stack([reference.banks[n].toarray().T for n in sorted(reference.banks)]))
@@ -149,7 +153,6 @@ class TFMelFeatures:
     def __call__(self, audio, semitones=None, gain_db=None):
         tf, cfg = self.tf, self.cfg
         audio = tf.convert_to_tensor(audio, tf.float32)
-        n = int(audio.shape[-1])
         padded = tf.pad(audio, [[0, 0], [cfg.n_fft // 2, cfg.n_fft // 2]])
         frames = tf.signal.frame(padded, cfg.n_fft, cfg.hop_length)  # (batch, frames, n_fft)
         spectrum = tf.signal.rfft(frames * self.window)[..., : self.n_bins]
@@ -160,10 +163,7 @@ class TFMelFeatures:
             mel = tf.linalg.matmul(power, tf.gather(self.banks, tf.cast(semitones, tf.int32) + self.max_semitones))
         mel = tf.transpose(mel, [0, 2, 1])  # (batch, n_mels, frames)
         if gain_db is not None:
-            centres = np.arange(mel.shape[-1]) * cfg.hop_length
-            env = tf.constant(envelope(self.volume_mode, centres, n), tf.float32)
-            gain_db = tf.reshape(tf.cast(gain_db, tf.float32), [-1, 1, 1])
-            mel *= tf.pow(10.0, gain_db * env / 10.0)
+            mel *= tf.pow(10.0, tf.cast(gain_db, tf.float32)[:, None, :] / 10.0)
         db = 10.0 * tf.math.log(tf.maximum(mel, 1e-10)) / np.log(10.0)
         if cfg.band_median:
             db = tf.maximum(db - _median_last_axis(tf, db), 0.0)
@@ -180,22 +180,20 @@ class TFMelFeatures:
 class MelFrontEnd(keras.layers.Layer):
     """TFMelFeatures as the model's first layer (``features.backend: tensorflow``).
 
-    Takes ``{"audio": (batch, samples), "semitones": (batch,), "gain_db": (batch,)}``
-    and gives ``(batch, n_mels, frames, 1)`` images, always in float32.
+    Takes ``(batch, samples)`` audio and gives ``(batch, n_mels, frames, 1)`` images, always
+    in float32.  It knows nothing of augmentation: ``model.Augmented`` adds that for training.
     """
 
-    def __init__(self, features: dict, sample_rate: int, max_semitones: int = 0, volume_mode: str = "uniform",
-                 **kwargs):
+    def __init__(self, features: dict, sample_rate: int, **kwargs):
         super().__init__(**{"dtype": "float32", **kwargs})
-        self.settings = {"features": features, "sample_rate": sample_rate, "max_semitones": max_semitones,
-                         "volume_mode": volume_mode}
-        self.mel = TFMelFeatures(FeatureConfig(**features), sample_rate, max_semitones, volume_mode)
+        self.settings = {"features": features, "sample_rate": sample_rate}
+        self.mel = TFMelFeatures(FeatureConfig(**features), sample_rate)
 
-    def call(self, inputs):
-        return self.mel(inputs["audio"], inputs["semitones"], inputs["gain_db"])[..., None]
+    def call(self, audio):
+        return self.mel(audio)[..., None]
 
     def compute_output_shape(self, input_shape):
-        return (input_shape["audio"][0], self.mel.cfg.n_mels, self.mel.cfg.frames, 1)
+        return (input_shape[0], self.mel.cfg.n_mels, self.mel.cfg.frames, 1)
 
     def get_config(self):
         return {**super().get_config(), **self.settings}

@@ -22,9 +22,10 @@ from sklearn.metrics import average_precision_score
 
 from rfcx_mlops import dataset, folds, serve, tracking
 from rfcx_mlops.config import Config, ConfigError, check_fold
-from rfcx_mlops.generator import SpectrogramBatches, make_batches, make_samples, reuse_freed_memory
+from rfcx_mlops.audio import AudioInfo
+from rfcx_mlops.generator import Batches, Samples, SpectrogramBatches, make_batches, make_samples, reuse_freed_memory
 from rfcx_mlops.metrics import lwlrap
-from rfcx_mlops.model import build, precision_and_devices, weights_only
+from rfcx_mlops.model import build, for_training, precision_and_devices, weights_only
 
 log = logging.getLogger("rfcx_mlops.fit")
 GRID_SAMPLES = 4
@@ -40,8 +41,10 @@ class FoldResult:
     predictions: pd.DataFrame  # the best epoch's validation windows: recording_id, start, fold, y0.., s0..
 
 
-def _augmentation_grid(batches: SpectrogramBatches) -> None:
-    idx = range(min(GRID_SAMPLES, len(batches.samples)))
+def _augmentation_grid(cfg: Config, samples: Samples, recordings: dict[str, AudioInfo]) -> None:
+    # Images as training draws them, whichever backend makes them: both draw the same.
+    batches = SpectrogramBatches(samples, recordings, cfg, training=True)
+    idx = range(min(GRID_SAMPLES, len(samples)))
     before = [batches.features(batches.waveform(i)) for i in idx]
     drawn = [batches.sample(i, epoch=0) for i in idx]
     titles = [f"{batches.samples.recording_ids[i]} species "
@@ -52,7 +55,7 @@ def _augmentation_grid(batches: SpectrogramBatches) -> None:
                       "augmentation_samples.png")
 
 
-def _validation_scores(model: keras.Model, batches: SpectrogramBatches, fold: int) -> tuple[pd.Series, pd.DataFrame]:
+def _validation_scores(model: keras.Model, batches: Batches, fold: int) -> tuple[pd.Series, pd.DataFrame]:
     """Per-species AP and the per-window predictions of ``model`` on the validation batches."""
     scores = model.predict(batches, verbose=0)
     truth = batches.samples.labels
@@ -71,16 +74,20 @@ def _validation_scores(model: keras.Model, batches: SpectrogramBatches, fold: in
 
 @dataclass(frozen=True)
 class _Start:
-    """Where training starts: a new model at epoch 0, or a resumed run's last checkpoint."""
+    """Where training starts: a new model at epoch 0, or a resumed run's last checkpoint.
+
+    ``model`` is what is saved and served; ``trained`` what ``fit`` trains (``model.for_training``).
+    """
 
     model: keras.Model
+    trained: keras.Model
     epoch: int = 0
     best: float = -np.inf
     best_epoch: int = 0
     best_weights: list[np.ndarray] | None = None
 
 
-def _new_run(cfg: Config, fold: int, data: dataset.Dataset, assigned: pd.Series, train_batches: SpectrogramBatches,
+def _new_run(cfg: Config, fold: int, data: dataset.Dataset, assigned: pd.Series, train_batches: Batches,
              folder: Path, tags: dict[str, str]) -> _Start:
     """A fresh run's record (config, tags, data set, folds, augmentation samples) and its new model."""
     tracking.log_config(cfg)
@@ -94,9 +101,10 @@ def _new_run(cfg: Config, fold: int, data: dataset.Dataset, assigned: pd.Series,
     if data.demo:
         log.info("training on the built-in demo data set (%s); tag demo_data=True", data.data_dir)
     mlflow.log_artifact(str(folds.write_csv(data.tp, assigned, folder / "folds.csv")))
-    _augmentation_grid(train_batches)
+    _augmentation_grid(cfg, train_batches.samples, data.recordings)
     with precision_and_devices(cfg):
-        return _Start(build(cfg, len(train_batches)))
+        model = build(cfg, len(train_batches))
+        return _Start(model, for_training(model, cfg))
 
 
 def _resumed_run(cfg: Config, run: mlflow.entities.Run, folder: Path) -> _Start:
@@ -104,13 +112,14 @@ def _resumed_run(cfg: Config, run: mlflow.entities.Run, folder: Path) -> _Start:
     run_id = run.info.run_id
     with precision_and_devices(cfg):
         model = keras.models.load_model(tracking.download_checkpoint(run_id, "last", folder / "resume"))
+        trained = for_training(model, cfg)
     epoch = int(run.data.tags.get("checkpoint_epoch", 0))
     best_epoch = int(run.data.tags.get("best_epoch", 0))
     history = mlflow.tracking.MlflowClient().get_metric_history(run_id, "val_lwlrap")
     best = next((m.value for m in history if m.step == best_epoch), -np.inf)
     log.info("resuming run %s after epoch %d (best val_lwlrap %.4f)", run_id, epoch, best)
-    return _Start(model, epoch, best, best_epoch, tracking.best_weights(run_id, best_epoch, epoch, model,
-                                                                           folder / "best"))
+    return _Start(model, trained, epoch, best, best_epoch,
+                  tracking.best_weights(run_id, best_epoch, epoch, model, folder / "best"))
 
 
 def train_fold(cfg: Config, fold: int, *, data: dataset.Dataset | None = None, resume: str | None = None,
@@ -153,17 +162,16 @@ def train_fold(cfg: Config, fold: int, *, data: dataset.Dataset | None = None, r
             train_batches.set_epoch(start.epoch)
         else:
             start = _new_run(cfg, fold, data, assigned, train_batches, folder, tags or {})
-        logger = tracking.EpochLogger(train_batches.samples_per_epoch, folder, best_so_far=start.best,
+        logger = tracking.EpochLogger(train_batches.samples_per_epoch, folder, start.model, best_so_far=start.best,
                                       best_epoch=start.best_epoch, best_weights=start.best_weights)
-        model = start.model
-        model.run_eagerly = cfg.train.run_eagerly
+        start.trained.run_eagerly = cfg.train.run_eagerly
         # The batches shuffle themselves from the seed; Keras' own shuffle would use Python's global RNG.
-        model.fit(train_batches, validation_data=val_batches, epochs=cfg.train.epochs, initial_epoch=start.epoch,
+        start.trained.fit(train_batches, validation_data=val_batches, epochs=cfg.train.epochs, initial_epoch=start.epoch,
                   shuffle=False, callbacks=[logger, *callbacks], verbose=1 if sys.stdout.isatty() else 2)
         if logger.best_weights is None:
             raise RuntimeError("no epoch produced a finite val_lwlrap")
 
-        best_model = weights_only(model, logger.best_weights)
+        best_model = weights_only(start.model, logger.best_weights)
         ap, predictions = _validation_scores(best_model, val_batches, fold)
         check = lwlrap(val_batches.samples.labels, predictions.filter(regex=r"^s\d+$").to_numpy())
         tracking.log_species_ap(ap, f"Per-species validation average precision, best epoch ({logger.best_epoch})")

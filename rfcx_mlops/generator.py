@@ -14,7 +14,7 @@ import pandas as pd
 
 from rfcx_mlops import augment
 from rfcx_mlops.audio import AudioInfo, read_window
-from rfcx_mlops.config import Config
+from rfcx_mlops.config import AugmentConfig, Config
 from rfcx_mlops.features import MelFeatures
 
 
@@ -55,8 +55,8 @@ def make_samples(events: pd.DataFrame, recordings: dict[str, AudioInfo], crop_se
     return Samples(np.array(ids), np.array(starts, dtype=np.float64), labels)
 
 
-class SpectrogramBatches(keras.utils.PyDataset):
-    """(batch, n_mels, frames, 1) float32 images and (batch, n_classes) float32 targets.
+class Batches(keras.utils.PyDataset):
+    """What both kinds of batches share: the order of samples, their windows and their draws.
 
     Training mode reshuffles every epoch and augments each sample; validation mode
     yields every sample in order, the last partial batch included.  Every random
@@ -79,11 +79,9 @@ class SpectrogramBatches(keras.utils.PyDataset):
         self.training = training
         self.batch_size = cfg.train.batch_size
         self.sample_rate = cfg.data.sample_rate
-        self.spectral = training and cfg.augment.enabled and cfg.augment.domain == "spectrogram"
-        self.features = MelFeatures(cfg.features, self.sample_rate,
-                                    max_semitones=cfg.augment.max_semitones if self.spectral else 0,
-                                    volume_mode=cfg.augment.volume_mode)
-        self.transform = augment.from_config(cfg.augment, self.sample_rate) if training else None
+        self.transform = augment.from_config(cfg.augment if training else AugmentConfig(enabled=False),
+                                             self.sample_rate)
+        self.spectral = self.transform.spectral  # part of each draw is applied to the spectrogram
         self.epoch = 0
         self.order = self._order()
         self._cache: dict[int, np.ndarray] = {}  # training: 16-bit audio; validation: images
@@ -125,23 +123,10 @@ class SpectrogramBatches(keras.utils.PyDataset):
     def samples_per_epoch(self) -> int:
         return min(len(self) * self.batch_size, len(self.order))
 
-    def sample(self, i: int, epoch: int, repeat: int = 0, out: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
-        """Sample ``i`` as drawn in ``epoch`` (its ``repeat``-th time there): its image and the drawn parameters.
-
-        ``out``, where given, receives the image.
-        """
-        if not self.training:
-            image = self._cached(i, lambda j: self.features(self.waveform(j)))
-            if out is not None:
-                out[...] = image
-            return image, {}
-        y, params = self.augmented(i, epoch, repeat)
-        spectral = augment.spectral_params(params) if self.spectral else {}
-        return self.features(y, **spectral, out=out), params
-
-    def augmented(self, i: int, epoch: int, repeat: int = 0) -> tuple[np.ndarray, dict]:
-        """Sample ``i``'s waveform after the waveform-domain augmentations, and every drawn parameter."""
-        return self.transform(self.window(i), self.rng(i, epoch, repeat))
+    def draw(self, i: int, epoch: int, repeat: int = 0) -> augment.Drawn:
+        """Sample ``i``'s waveform after the waveform-domain augmentations, every drawn value, and the
+        spectrogram-domain draw, as drawn in ``epoch`` (its ``repeat``-th time there)."""
+        return self.transform.draw(self.window(i), self.rng(i, epoch, repeat))
 
     def rng(self, i: int, epoch: int, repeat: int = 0) -> np.random.Generator:
         """The Generator of sample ``i``'s draws in ``epoch`` (its ``repeat``-th time there)."""
@@ -155,13 +140,8 @@ class SpectrogramBatches(keras.utils.PyDataset):
         n = len(self.samples)  # the order holds whole passes: position // n is the pass
         return [(int(i), (start + k) // n) for k, i in enumerate(self.order[start : start + self.batch_size])]
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        batch = self._batch(index)
-        f = self.cfg.features
-        images = np.empty((len(batch), f.n_mels, f.frames, 1), np.float32)
-        for k, (i, repeat) in enumerate(batch):
-            self.sample(i, self.epoch, repeat, out=images[k, ..., 0])
-        return images, self.samples.labels[[i for i, _ in batch]]
+    def labels(self, batch: list[tuple[int, int]]) -> np.ndarray:
+        return self.samples.labels[[i for i, _ in batch]]
 
     def set_epoch(self, epoch: int) -> None:
         """Continue the sequence of shuffles and draws from ``epoch`` (0-based), as when resuming a run."""
@@ -174,31 +154,56 @@ class SpectrogramBatches(keras.utils.PyDataset):
             self.order = self._order()
 
 
-class WaveformBatches(SpectrogramBatches):
-    """Batches for ``features.backend: tensorflow``: ``{"audio", "semitones", "gain_db"}`` and targets.
-
-    The workers do the waveform half (cached window, noise, time shift) and draw the
-    spectrogram-domain pitch shift and volume; the model's ``MelFrontEnd`` makes the
-    images where the model runs.  Validation batches hold the clean windows, no shift.
-    """
+class SpectrogramBatches(Batches):
+    """(batch, n_mels, frames, 1) float32 images and (batch, n_classes) float32 targets."""
 
     def __init__(self, samples: Samples, recordings: dict[str, AudioInfo], cfg: Config, *, training: bool,
                  workers: int = 1):
-        if training and cfg.augment.enabled and cfg.augment.domain != "spectrogram":
-            raise ValueError("WaveformBatches needs augment.domain: spectrogram")
         super().__init__(samples, recordings, cfg, training=training, workers=workers)
+        self.features = MelFeatures(cfg.features, self.sample_rate,
+                                    max_semitones=cfg.augment.max_semitones if self.spectral else 0)
 
-    def __getitem__(self, index: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    def sample(self, i: int, epoch: int, repeat: int = 0, out: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+        """Sample ``i`` as drawn in ``epoch`` (its ``repeat``-th time there): its image and the drawn values.
+
+        ``out``, where given, receives the image.
+        """
+        if not self.training:
+            image = self._cached(i, lambda j: self.features(self.waveform(j)))
+            if out is not None:
+                out[...] = image
+            return image, {}
+        y, params, spectral = self.draw(i, epoch, repeat)
+        return self.features(y, spectral, out=out), params
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         batch = self._batch(index)
-        if self.training:
-            drawn = [self.augmented(i, self.epoch, repeat) for i, repeat in batch]
-        else:
-            drawn = [(self.window(i), {}) for i, _ in batch]
-        spectral = [augment.spectral_params(params) for _, params in drawn]
-        inputs = {"audio": np.stack([y for y, _ in drawn]),
-                  "semitones": np.array([s["semitones"] for s in spectral], np.int32),
-                  "gain_db": np.array([s["gain_db"] for s in spectral], np.float32)}
-        return inputs, self.samples.labels[[i for i, _ in batch]]
+        f = self.cfg.features
+        images = np.empty((len(batch), f.n_mels, f.frames, 1), np.float32)
+        for k, (i, repeat) in enumerate(batch):
+            self.sample(i, self.epoch, repeat, out=images[k, ..., 0])
+        return images, self.labels(batch)
+
+
+class WaveformBatches(Batches):
+    """Batches for ``features.backend: tensorflow``, whose model makes the images where it runs.
+
+    Training with augmentation: ``{"audio", "semitones", "gain_db"}``, the windows after the
+    waveform-domain augmentations (noise, time shift) and each one's spectrogram-domain draw,
+    the gain per STFT frame (what ``model.Augmented`` applies).  Otherwise (validation): the
+    windows as ``(batch, samples)`` audio, what the saved model takes.
+    """
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray | dict[str, np.ndarray], np.ndarray]:
+        batch = self._batch(index)
+        drawn = [self.draw(i, self.epoch, repeat) for i, repeat in batch]
+        audio = np.stack([d.y for d in drawn])
+        if not self.spectral:
+            return audio, self.labels(batch)
+        n, hop = self.cfg.data.window_samples, self.cfg.features.hop_length
+        inputs = {"audio": audio, "semitones": np.array([d.spectral.semitones for d in drawn], np.int32),
+                  "gain_db": np.stack([d.spectral.frame_gain_db(n, hop) for d in drawn]).astype(np.float32)}
+        return inputs, self.labels(batch)
 
 
 @functools.cache
@@ -224,7 +229,7 @@ def to_pcm16(y: np.ndarray) -> np.ndarray:
 
 
 def make_batches(samples: Samples, recordings: dict[str, AudioInfo], cfg: Config, *, training: bool,
-            workers: int = 1) -> SpectrogramBatches:
+            workers: int = 1) -> Batches:
     """The batches the configured model takes: images, or waveforms for ``features.backend: tensorflow``."""
     kind = WaveformBatches if cfg.features.backend == "tensorflow" else SpectrogramBatches
     return kind(samples, recordings, cfg, training=training, workers=workers)

@@ -8,7 +8,7 @@ import dataclasses
 import keras
 
 from rfcx_mlops.config import Config
-from rfcx_mlops.features import MelFrontEnd
+from rfcx_mlops.features import MelFrontEnd, TFMelFeatures
 from rfcx_mlops.metrics import StreamingLWLRAP
 
 
@@ -36,21 +36,28 @@ def precision_and_devices(cfg: Config):
     return tf.distribute.MirroredStrategy().scope()
 
 
-def waveform_inputs(cfg: Config) -> dict:
-    """The inputs of a ``features.backend: tensorflow`` model: a window of audio and its spectral draws."""
-    return {"audio": keras.Input((cfg.data.window_samples,), name="audio"), "semitones": keras.Input((), dtype="int32", name="semitones"),
-            "gain_db": keras.Input((), name="gain_db")}
-
-
 def build(cfg: Config, steps_per_epoch: int) -> keras.Model:
-    """The compiled model.  Weights draw from Keras' global seed: set it first (``keras.utils.set_random_seed``)."""
-    f, m = cfg.features, cfg.model
-    if f.backend == "tensorflow":
-        inputs = waveform_inputs(cfg)
-        images = MelFrontEnd(dataclasses.asdict(f), cfg.data.sample_rate, cfg.augment.max_semitones,
-                             cfg.augment.volume_mode, name="mel")(inputs)
+    """The compiled model.  Weights draw from Keras' global seed: set it first (``keras.utils.set_random_seed``).
+
+    It takes what serving gives it: images, or with ``features.backend: tensorflow`` a window
+    of audio, which its ``MelFrontEnd`` turns into images before its ``classifier``.  Training
+    wraps it (``for_training``) where augmentation has to reach the images.
+    """
+    f = cfg.features
+    if f.backend != "tensorflow":
+        model = _classifier(cfg, "resnet50_rfcx")
     else:
-        inputs = images = keras.Input(shape=(f.n_mels, f.frames, 1), name="mel")
+        audio = keras.Input((cfg.data.window_samples,), name="audio")
+        images = MelFrontEnd(dataclasses.asdict(f), cfg.data.sample_rate, name="mel")(audio)
+        model = keras.Model(audio, _classifier(cfg, "classifier")(images), name="resnet50_rfcx")
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate(cfg, steps_per_epoch)), **_compiled(cfg))
+    return model
+
+
+def _classifier(cfg: Config, name: str) -> keras.Model:
+    """ResNet50 and the seed's head: (batch, n_mels, frames, 1) images -> (batch, n_classes) scores."""
+    f, m = cfg.features, cfg.model
+    images = keras.Input(shape=(f.n_mels, f.frames, 1), name="mel")
     backbone = keras.applications.ResNet50(include_top=False, weights=None, input_tensor=images)
     x = keras.layers.GlobalAveragePooling2D()(backbone.output)
     x = keras.layers.BatchNormalization()(x)
@@ -61,19 +68,49 @@ def build(cfg: Config, steps_per_epoch: int) -> keras.Model:
     # float32 even under mixed precision: a softmax in float16 rounds small scores to 0.
     outputs = keras.layers.Dense(cfg.data.n_classes, activation=m.activation, kernel_initializer="he_normal",
                                  name="species", dtype="float32")(x)
-    model = keras.Model(inputs, outputs, name="resnet50_rfcx")
+    model = keras.Model(images, outputs, name=name)
     # With few steps per epoch the default momentum (0.99) leaves the moving
     # statistics far behind the weights, and validation stays at chance.
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.momentum = m.bn_momentum
-    loss = "categorical_crossentropy" if m.activation == "softmax" else "binary_crossentropy"
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate(cfg, steps_per_epoch)),
-        loss=loss,
-        metrics=[StreamingLWLRAP(cfg.data.n_classes)],
-    )
     return model
+
+
+def _compiled(cfg: Config) -> dict:
+    loss = "categorical_crossentropy" if cfg.model.activation == "softmax" else "binary_crossentropy"
+    return {"loss": loss, "metrics": [StreamingLWLRAP(cfg.data.n_classes)]}
+
+
+def for_training(model: keras.Model, cfg: Config) -> keras.Model:
+    """The model ``fit`` trains: ``model`` itself, or, with ``features.backend: tensorflow`` and
+    augmentation, an ``Augmented`` wrapper sharing its weights and optimizer."""
+    if cfg.features.backend != "tensorflow" or not cfg.augment.enabled:
+        return model
+    wrapper = Augmented(model, TFMelFeatures(cfg.features, cfg.data.sample_rate, cfg.augment.max_semitones))
+    wrapper.compile(optimizer=model.optimizer, **_compiled(cfg))
+    return wrapper
+
+
+class Augmented(keras.Model):
+    """Trains ``model``'s classifier on images that carry each sample's spectrogram-domain draw.
+
+    Training batches are ``{"audio", "semitones" (batch,), "gain_db" (batch, STFT frames)}``
+    (``generator.WaveformBatches``); validation batches are audio, which go through ``model``
+    unchanged.  So the augmentation never becomes part of ``model``: what is saved, resumed
+    and served takes audio only.  The wrapper itself is never saved.
+    """
+
+    def __init__(self, model: keras.Model, mel: TFMelFeatures):
+        super().__init__(name="augmented")
+        self.inference = model
+        self.mel = mel
+
+    def call(self, inputs, training=False):
+        if not isinstance(inputs, dict):
+            return self.inference(inputs, training=training)
+        images = self.mel(inputs["audio"], inputs["semitones"], inputs["gain_db"])[..., None]
+        return self.inference.get_layer("classifier")(images, training=training)
 
 
 def weights_only(model: keras.Model, weights: list) -> keras.Model:

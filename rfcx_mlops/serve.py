@@ -67,15 +67,14 @@ class Scorer:
         self.features = MelFeatures(cfg.features, self.sample_rate)
         self.n_classes = int(models[0].output_shape[-1])
 
-    def inputs(self, y: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
+    def inputs(self, y: np.ndarray) -> np.ndarray:
         """The model input for every window of ``y``: images, or the windows themselves where the model makes them."""
         n = self.cfg.data.window_samples
         y = np.pad(y, (0, max(0, n - len(y))))
         starts = window_starts(len(y) / self.sample_rate, self.crop, self.hop)
         windows = np.stack([y[int(round(s * self.sample_rate)):][:n] for s in starts]).astype(np.float32)
         if self.cfg.features.backend == "tensorflow":
-            return {"audio": windows, "semitones": np.zeros(len(windows), np.int32),
-                    "gain_db": np.zeros(len(windows), np.float32)}
+            return windows
         return np.stack([self.features(w) for w in windows])[..., None]
 
     def scores(self, y: np.ndarray) -> np.ndarray:

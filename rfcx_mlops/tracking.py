@@ -143,13 +143,15 @@ class EpochLogger(keras.callbacks.Callback):
     epoch's weights live in it as long as it is the last epoch; when a worse epoch is about to
     replace it, they are written first to ``checkpoints/best.keras`` (weights only).  So no
     epoch's weights are stored twice, and ``best_weights`` always holds the best epoch's.
+    ``checkpointed`` is the model saved: the trained one, or the one a training wrapper trains.
     """
 
-    def __init__(self, n_train_samples: int, folder: Path, *, best_so_far: float = -np.inf, best_epoch: int = 0,
-                 best_weights: list[np.ndarray] | None = None):
+    def __init__(self, n_train_samples: int, folder: Path, checkpointed: keras.Model, *,
+                 best_so_far: float = -np.inf, best_epoch: int = 0, best_weights: list[np.ndarray] | None = None):
         super().__init__()
         self.n_train_samples = n_train_samples
         self.folder = folder
+        self.checkpointed = checkpointed
         self.best = best_so_far
         self.best_epoch = best_epoch
         self.best_weights = best_weights
@@ -171,15 +173,15 @@ class EpochLogger(keras.callbacks.Callback):
             "train_lwlrap": logs.get("lwlrap"),
             "val_loss": logs.get("val_loss"),
             "val_lwlrap": val,
-            "learning_rate": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
+            "learning_rate": float(keras.ops.convert_to_numpy(self.checkpointed.optimizer.learning_rate)),
             "epoch_seconds": now - self._started,
             "samples_per_second": self.n_train_samples / max(self._trained - self._started, 1e-9),
         }
         if not val > self.best and self.best_epoch == step - 1 and self.best_weights is not None:
-            _save(weights_only(self.model, self.best_weights), self.folder, "best")
-        _save(self.model, self.folder, "last")
+            _save(weights_only(self.checkpointed, self.best_weights), self.folder, "best")
+        _save(self.checkpointed, self.folder, "last")
         if val > self.best:
-            self.best, self.best_epoch, self.best_weights = val, step, self.model.get_weights()
+            self.best, self.best_epoch, self.best_weights = val, step, self.checkpointed.get_weights()
         # This epoch's metrics and the tags resume reads go out in one call, after the checkpoint:
         # an interruption anywhere leaves a run that resumes from a consistent epoch.
         timestamp = int(time.time() * 1000)

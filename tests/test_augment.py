@@ -199,9 +199,10 @@ def small_pipeline(**overrides) -> A.Compose:
 def test_same_seed_same_output_different_seed_different():
     y = tone(440.0)
     pipe = small_pipeline()
-    out1, params1 = pipe(y, np.random.default_rng(1))
-    out2, params2 = pipe(y, np.random.default_rng(1))
-    out3, params3 = pipe(y, np.random.default_rng(2))
+    out1, params1, spectral1 = pipe.draw(y, np.random.default_rng(1))
+    out2, params2, spectral2 = pipe.draw(y, np.random.default_rng(1))
+    out3, params3, spectral3 = pipe.draw(y, np.random.default_rng(2))
+    assert spectral1 == spectral2 and spectral1 != spectral3
     assert np.array_equal(out1, out2) and params1 == params2
     assert not np.array_equal(out1, out3) and params1 != params3
     assert out1.dtype == np.float32 and out1.shape == y.shape
@@ -212,25 +213,25 @@ def test_no_global_rng():
     pipe = small_pipeline()
     np.random.seed(0)
     before = np.random.get_state()
-    noises = {pipe(y, np.random.default_rng(seed))[1]["noise"] for seed in range(6)}
+    noises = {pipe.draw(y, np.random.default_rng(seed)).params["noise"] for seed in range(6)}
     after = np.random.get_state()
     assert noises == {"gaussian", "pink"}  # every transform ran at least once
     assert np.array_equal(after[1], before[1]) and after[2:] == before[2:]  # global state untouched
     np.random.seed(0)
-    out_a, _ = pipe(y, np.random.default_rng(5))
+    out_a = pipe.draw(y, np.random.default_rng(5)).y
     np.random.seed(0)
-    out_b, _ = pipe(y, np.random.default_rng(6))
+    out_b = pipe.draw(y, np.random.default_rng(6)).y
     assert not np.array_equal(out_a, out_b)  # the Generator decides, not the global seed
     np.random.seed(123)
     np.random.random(100)
-    out_c, _ = pipe(y, np.random.default_rng(5))
+    out_c = pipe.draw(y, np.random.default_rng(5)).y
     assert np.array_equal(out_a, out_c)
 
 
 def test_a_skipped_stage_does_not_shift_later_draws():
     y = tone(440.0, seconds=0.5)
-    _, with_noise = small_pipeline(noise_p=1.0)(y, np.random.default_rng(4))
-    _, without_noise = small_pipeline(noise_p=0.0)(y, np.random.default_rng(4))
+    with_noise = small_pipeline(noise_p=1.0).draw(y, np.random.default_rng(4)).params
+    without_noise = small_pipeline(noise_p=0.0).draw(y, np.random.default_rng(4)).params
     assert "snr_db" in with_noise and "snr_db" not in without_noise
     for key in ("semitones", "shift_samples", "gain_db"):
         assert with_noise[key] == without_noise[key]
@@ -249,6 +250,50 @@ def test_compose_suffixes_repeated_keys():
     out, params = pipe(np.ones(4, np.float32), np.random.default_rng(0))
     assert set(params) == {"gain_db", "gain_db#2"}
     np.testing.assert_allclose(out, 10 ** ((params["gain_db"] + params["gain_db#2"]) / 20), rtol=1e-6)
+
+
+# -- the spectrogram domain: a typed draw handed to the features ------------------------------
+
+
+def test_spectrogram_domain_stages_hand_on_their_draw_and_leave_the_waveform():
+    y = tone(440.0, seconds=0.2)
+    pitch = A.PitchShift(SR, max_semitones=5, domain="spectrogram")
+    out, params, spectral = pitch.draw(y, np.random.default_rng(3))
+    assert out is y and spectral == A.SpectralDraw(semitones=params["semitones"]) and params["semitones"] != 0
+    volume = A.VolumeControl(max_db=6, mode="fade", domain="spectrogram")
+    out, params, spectral = volume.draw(y, np.random.default_rng(3))
+    assert out is y and spectral == A.SpectralDraw(volume=(("fade", params["gain_db"]),))
+    skipped = A.VolumeControl(p=0.0, domain="spectrogram").draw(y, np.random.default_rng(3))
+    assert skipped.spectral == A.SpectralDraw() and skipped.params == {}
+
+
+def test_two_spectral_volume_changes_both_count():
+    """Each volume change keeps its envelope; the gains in dB add up, as two waveform gains would."""
+    pipe = A.Compose([A.VolumeControl(max_db=6, mode="fade", domain="spectrogram"),
+                      A.VolumeControl(max_db=6, mode="sine", domain="spectrogram")])
+    n = 1000
+    _, params, spectral = pipe.draw(np.ones(n, np.float32), np.random.default_rng(0))
+    assert [mode for mode, _ in spectral.volume] == ["fade", "sine"]
+    waveform = A.Compose([A.VolumeControl(max_db=6, mode="fade"), A.VolumeControl(max_db=6, mode="sine")])
+    out, waveform_params = waveform(np.ones(n, np.float32), np.random.default_rng(0))
+    assert waveform_params == params
+    np.testing.assert_allclose(spectral.gain_db(np.arange(n), n), 20 * np.log10(out.astype(np.float64)), atol=1e-4)
+
+
+def test_spectral_draws_add_up_across_stages():
+    assert A.SpectralDraw(2, (("sine", 1.0),)) + A.SpectralDraw(-3) == A.SpectralDraw(-1, (("sine", 1.0),))
+    frames = A.SpectralDraw(volume=(("uniform", 3.0), ("uniform", -1.0))).frame_gain_db(1024, 256)
+    np.testing.assert_allclose(frames, np.full(5, 2.0))  # 1 + 1024 // 256 centred frames
+
+
+def test_a_pipeline_with_spectral_stages_refuses_to_drop_their_draw():
+    pipe = small_pipeline()  # the default domain is the spectrogram
+    assert pipe.spectral
+    with pytest.raises(ValueError, match="acts on the spectrogram"):
+        pipe(tone(440.0, seconds=0.1), np.random.default_rng(0))
+    with pytest.raises(ValueError, match="acts on the spectrogram"):
+        A.OneOf([A.PitchShift(SR, domain="spectrogram")])(tone(440.0, seconds=0.1), np.random.default_rng(0))
+    assert not small_pipeline(domain="waveform").spectral
 
 
 # -- construction ------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import pytest
 from skimage.transform import resize
 
 from rfcx_mlops import augment, config
+from rfcx_mlops.augment import SpectralDraw
 from rfcx_mlops.features import MelFeatures, MelFrontEnd, TFMelFeatures, mel_filterbank, resize_time
 
 
@@ -66,7 +67,11 @@ SR = 48000
 @pytest.fixture(scope="module")
 def shifting():
     cfg = config.load(None)
-    return MelFeatures(cfg.features, SR, max_semitones=5, volume_mode="sine")
+    return MelFeatures(cfg.features, SR, max_semitones=5)
+
+
+def shift(semitones):
+    return SpectralDraw(semitones=semitones)
 
 
 def test_unshifted_filterbank_is_librosas():
@@ -91,7 +96,7 @@ def test_a_shifted_tone_peaks_in_the_same_mel_bin_either_way(shifting, semitones
     y = tone(centres[target] * 2 ** (-semitones / 12), seconds=2.0)
     waveform = librosa.effects.pitch_shift(y, sr=SR, n_steps=semitones)
     peak = [int(np.argmax(shifting.log_mel(waveform).mean(axis=1))),
-            int(np.argmax(shifting.log_mel(y, semitones=semitones).mean(axis=1)))]
+            int(np.argmax(shifting.log_mel(y, shift(semitones)).mean(axis=1)))]
     assert peak == [target, target]
 
 
@@ -104,10 +109,10 @@ def test_shifted_white_noise_keeps_its_power_per_hz(shifting, semitones):
     tonal, keep their level either way (previous test).
     """
     y = np.random.default_rng(abs(semitones)).normal(0, 0.05, 3 * SR).astype(np.float32)
-    change = shifting.log_mel(y, semitones=semitones).mean() - shifting.log_mel(y).mean()
+    change = shifting.log_mel(y, shift(semitones)).mean() - shifting.log_mel(y).mean()
     assert change == pytest.approx(-10 * np.log10(2 ** (semitones / 12)), abs=0.3)
     vocoder = shifting.log_mel(librosa.effects.pitch_shift(y, sr=SR, n_steps=semitones)).mean()
-    assert 2.0 < shifting.log_mel(y, semitones=semitones).mean() - vocoder < 5.0
+    assert 2.0 < shifting.log_mel(y, shift(semitones)).mean() - vocoder < 5.0
 
 
 @pytest.mark.parametrize("ours, seeds", [
@@ -129,13 +134,19 @@ def test_fast_noise_has_the_seeds_level_and_colour(shifting, ours, seeds):
 @pytest.mark.parametrize("mode", ["uniform", "fade", "cosine", "sine"])
 def test_volume_per_frame_matches_volume_per_sample(mode):
     cfg = config.load(None)
-    features = MelFeatures(cfg.features, SR, volume_mode=mode)
+    features = MelFeatures(cfg.features, SR)
     y = np.random.default_rng(3).normal(0, 0.05, 10 * SR).astype(np.float32)
     waveform = augment.VolumeControl(10.0, mode=mode).apply(y, {"gain_db": 9.0})
-    difference = np.abs(features.log_mel(waveform) - features.log_mel(y, gain_db=9.0))
+    louder = SpectralDraw(volume=((mode, 9.0),))
+    difference = np.abs(features.log_mel(waveform) - features.log_mel(y, louder))
     assert difference.mean() < 0.02 and difference.max() < 0.5  # where the envelope is steepest, within a frame
     if mode == "uniform":
-        assert features.log_mel(y, gain_db=9.0).mean() - features.log_mel(y).mean() == pytest.approx(9.0, abs=1e-3)
+        assert features.log_mel(y, louder).mean() - features.log_mel(y).mean() == pytest.approx(9.0, abs=1e-3)
+
+
+def test_a_shift_outside_the_prepared_filterbanks_is_refused(shifting):
+    with pytest.raises(ValueError, match="6 semitones is outside the prepared ±5"):
+        shifting.log_mel(tone(440.0, seconds=0.1), shift(6))
 
 
 def test_a_time_shift_moves_whole_frames(shifting):
@@ -152,24 +163,24 @@ def test_a_time_shift_moves_whole_frames(shifting):
 @pytest.mark.parametrize("overrides", [{}, {"features.band_median": True, "features.frames": 300}])
 def test_tensorflow_ops_give_the_numpy_images(overrides):
     cfg = config.load(None, overrides)
-    ours = MelFeatures(cfg.features, SR, max_semitones=5, volume_mode="sine")
-    theirs = TFMelFeatures(cfg.features, SR, max_semitones=5, volume_mode="sine")
+    ours = MelFeatures(cfg.features, SR, max_semitones=5)
+    theirs = TFMelFeatures(cfg.features, SR, max_semitones=5)
     rng = np.random.default_rng(5)
     audio = np.stack([tone(f, seconds=3.0) + rng.normal(0, 0.02, 3 * SR).astype(np.float32) for f in (700.0, 5000.0)])
-    semitones, gains = np.array([-4, 5]), np.array([7.5, -3.0], np.float32)
-    expected = np.stack([ours(y, int(s), float(g)) for y, s, g in zip(audio, semitones, gains)])
+    draws = [SpectralDraw(-4, (("sine", 7.5),)), SpectralDraw(5, (("sine", -3.0), ("fade", 2.0)))]
+    expected = np.stack([ours(y, draw) for y, draw in zip(audio, draws)])
+    semitones = np.array([d.semitones for d in draws])
+    gains = np.stack([d.frame_gain_db(audio.shape[1], cfg.features.hop_length) for d in draws]).astype(np.float32)
     np.testing.assert_allclose(theirs(audio, semitones, gains).numpy(), expected, atol=2e-3)
     np.testing.assert_allclose(theirs(audio).numpy(), np.stack([ours(y) for y in audio]), atol=2e-3)
 
 
 def test_the_front_end_layer_saves_and_gives_the_numpy_images(tmp_path):
     cfg = config.load(None, {"features.frames": 300})
-    layer = MelFrontEnd(dataclasses.asdict(cfg.features), SR, 5, "sine")
-    inputs = {"audio": keras.Input((SR,), name="audio"), "semitones": keras.Input((), dtype="int32", name="semitones"),
-              "gain_db": keras.Input((), name="gain_db")}
-    keras.Model(inputs, layer(inputs)).save(tmp_path / "front.keras")
+    layer = MelFrontEnd(dataclasses.asdict(cfg.features), SR)
+    audio = keras.Input((SR,), name="audio")
+    keras.Model(audio, layer(audio)).save(tmp_path / "front.keras")
     reloaded = keras.models.load_model(tmp_path / "front.keras")
     y = tone(3000.0, seconds=1.0)[None]
-    images = reloaded({"audio": y, "semitones": np.array([2]), "gain_db": np.array([4.0], np.float32)})
-    expected = MelFeatures(cfg.features, SR, 5, "sine")(y[0], 2, 4.0)
-    np.testing.assert_allclose(np.asarray(images)[0, ..., 0], expected, atol=2e-3)
+    expected = MelFeatures(cfg.features, SR)(y[0])
+    np.testing.assert_allclose(np.asarray(reloaded(y))[0, ..., 0], expected, atol=2e-3)

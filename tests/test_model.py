@@ -1,0 +1,44 @@
+"""The model and its training wrapper: with features.backend tensorflow, augmentation reaches the images in
+training only, and what is saved takes audio alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from rfcx_mlops import config
+from rfcx_mlops.model import Augmented, build, for_training
+
+TINY = Path(__file__).resolve().parent / "tiny.yaml"
+
+
+def test_the_training_wrapper_shares_weights_and_optimizer_and_resumes_from_the_saved_model(tmp_path):
+    cfg = config.load(TINY, {"features.backend": "tensorflow", "train.run_eagerly": False})
+    keras.utils.set_random_seed(0)
+    model = build(cfg, steps_per_epoch=1)
+    wrapper = for_training(model, cfg)
+    assert isinstance(wrapper, Augmented) and wrapper.optimizer is model.optimizer
+    assert [id(v) for v in wrapper.trainable_variables] == [id(v) for v in model.trainable_variables]
+    rng = np.random.default_rng(0)
+    n, frames = cfg.data.window_samples, 1 + cfg.data.window_samples // cfg.features.hop_length
+    audio = rng.normal(0, 0.1, (8, n)).astype(np.float32)
+    drawn = {"audio": audio, "semitones": rng.integers(-5, 6, 8).astype(np.int32),
+             "gain_db": rng.normal(0, 3, (8, frames)).astype(np.float32)}
+    labels = np.eye(24, dtype=np.float32)[rng.integers(0, 24, 8)]
+    before = model.predict(audio, verbose=0)
+    wrapper.fit(drawn, labels, validation_data=(audio, labels), epochs=1, verbose=0)
+    assert not np.allclose(model.predict(audio, verbose=0), before)  # training the wrapper trained the model
+
+    model.save(tmp_path / "last.keras")
+    saved = keras.models.load_model(tmp_path / "last.keras")
+    assert saved.input.name == "audio" and int(saved.optimizer.iterations.numpy()) == 1
+    np.testing.assert_allclose(saved.predict(audio, verbose=0), model.predict(audio, verbose=0), atol=1e-5)
+    for_training(saved, cfg).fit(drawn, labels, epochs=1, verbose=0)
+    assert int(saved.optimizer.iterations.numpy()) == 2  # the saved optimizer state carried on
+
+
+def test_without_augmentation_the_model_trains_itself():
+    images = config.load(TINY, {"train.run_eagerly": False})
+    assert for_training(model := build(images, 1), images) is model
