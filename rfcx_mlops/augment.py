@@ -90,14 +90,23 @@ class SpectralDraw:
     """The spectrogram-domain part of a sample's draw: what the features apply to its mel power.
 
     ``semitones``: the pitch shift; ``volume``: one ``(envelope mode, gain_db)`` per volume
-    change, their gains in dB adding up.  ``SpectralDraw()`` changes nothing.
+    change, their gains in dB adding up; ``time_masks`` and ``freq_masks``: SpecAugment's
+    bands of the image set to its floor, each ``(start, width)`` as shares of the frames or mel
+    bands.  ``SpectralDraw()`` changes nothing.
     """
 
     semitones: int = 0
     volume: tuple[tuple[str, float], ...] = ()
+    time_masks: tuple[tuple[float, float], ...] = ()
+    freq_masks: tuple[tuple[float, float], ...] = ()
 
     def __add__(self, other: SpectralDraw) -> SpectralDraw:
-        return SpectralDraw(self.semitones + other.semitones, self.volume + other.volume)
+        return SpectralDraw(self.semitones + other.semitones, self.volume + other.volume,
+                            self.time_masks + other.time_masks, self.freq_masks + other.freq_masks)
+
+    def kept(self, n_mels: int, frames: int) -> tuple[np.ndarray, np.ndarray]:
+        """float32 (n_mels,) and (frames,) vectors, 0 inside a mask and 1 elsewhere: the image is multiplied by both."""
+        return _kept(self.freq_masks, n_mels), _kept(self.time_masks, frames)
 
     def gain_db(self, t: np.ndarray, n: int) -> np.ndarray:
         """The gain in dB at samples ``t`` of an ``n``-sample window."""
@@ -113,6 +122,13 @@ class SpectralDraw:
         power by its gain is what the waveform path does, to a fraction of a dB.
         """
         return self.gain_db(np.arange(1 + n // hop) * hop, n)
+
+
+def _kept(masks: tuple[tuple[float, float], ...], n: int) -> np.ndarray:
+    keep = np.ones(n, np.float32)
+    for start, width in masks:
+        keep[round(start * n) : round((start + width) * n)] = 0.0
+    return keep
 
 
 class Drawn(NamedTuple):
@@ -405,6 +421,46 @@ class VolumeControl(Transform):
         return SpectralDraw(volume=((self.mode, params["gain_db"]),))
 
 
+# -- SpecAugment -------------------------------------------------------------------------------
+
+
+class _Masks(Transform):
+    """SpecAugment (Park et al. 2019): ``n_masks`` bands of the image, each up to ``max_width`` of its axis wide,
+    set to the image's floor.  It exists only on the spectrogram: the draw is handed on."""
+
+    spectral = True
+
+    def __init__(self, n_masks: int = 2, max_width: float = 0.1, p: float = 1.0) -> None:
+        super().__init__(p)
+        self.n_masks = _integer("n_masks", n_masks, 0)
+        self.max_width = _real("max_width", max_width, 0.0)
+        if self.max_width > 1.0:
+            raise ValueError(f"max_width must be within [0, 1]; got {max_width!r}")
+
+    def randomize_parameters(self, y: np.ndarray, rng: np.random.Generator) -> Params:
+        widths = rng.uniform(0.0, self.max_width, self.n_masks)
+        starts = rng.uniform(0.0, 1.0, self.n_masks) * (1.0 - widths)
+        return {self.name: tuple((round(float(s), 4), round(float(w), 4)) for s, w in zip(starts, widths))}
+
+
+class TimeMask(_Masks):
+    """Silences ``n_masks`` stretches of time (each up to ``max_width`` of the window)."""
+
+    name = "time_masks"
+
+    def to_spectral(self, params: Params) -> SpectralDraw:
+        return SpectralDraw(time_masks=params[self.name])
+
+
+class FrequencyMask(_Masks):
+    """Silences ``n_masks`` bands of mel bins (each up to ``max_width`` of them)."""
+
+    name = "freq_masks"
+
+    def to_spectral(self, params: Params) -> SpectralDraw:
+        return SpectralDraw(freq_masks=params[self.name])
+
+
 # -- combinators -------------------------------------------------------------------------------
 
 
@@ -490,15 +546,20 @@ class Compose:
 
 
 def from_config(cfg: AugmentConfig, sr: int) -> Compose:
-    """The seed's pipeline: noise (Gaussian or pink), pitch shift, time shift, volume.
+    """The seed's pipeline: noise (Gaussian or pink), pitch shift, time shift, volume; then SpecAugment's
+    time and frequency masks where their p > 0.
 
     ``sr`` is the waveform's sample rate in Hz.  ``cfg.enabled = False`` gives the identity.
     With ``cfg.domain = "spectrogram"`` the pitch shift and volume are drawn here and handed
-    to the features as the draw's ``SpectralDraw``.
+    to the features as the draw's ``SpectralDraw``, as the masks always are.  Stages are only
+    ever appended, so that a new one leaves the draws of the others as they were.
     """
     if not cfg.enabled:
         return Compose([])
     snr = {"min_snr_db": cfg.min_snr, "max_snr_db": cfg.max_snr}
+    masks = [mask(n_masks, width, p=p) for mask, n_masks, width, p in (
+        (TimeMask, cfg.time_masks, cfg.max_time_mask, cfg.time_mask_p),
+        (FrequencyMask, cfg.freq_masks, cfg.max_freq_mask, cfg.freq_mask_p)) if p > 0]
     return Compose([
         OneOf([GaussianNoiseSNR(**snr), PinkNoiseSNR(**snr)], p=cfg.noise_p, label="noise"),
         PitchShift(sr, max_semitones=cfg.max_semitones, p=cfg.pitch_p, domain=cfg.domain),
@@ -506,4 +567,5 @@ def from_config(cfg: AugmentConfig, sr: int) -> Compose:
             sr, max_shift_seconds=cfg.max_shift_seconds, padding=cfg.shift_padding, p=cfg.time_shift_p
         ),
         VolumeControl(max_db=cfg.max_volume_db, mode=cfg.volume_mode, p=cfg.volume_p, domain=cfg.domain),
+        *masks,
     ])

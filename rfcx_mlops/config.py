@@ -74,6 +74,16 @@ class AugmentConfig:
     max_volume_db: float = 10.0
     volume_mode: str = "sine"  # uniform | fade | cosine | sine
     domain: str = "spectrogram"  # spectrogram (fast) | waveform (the seed's phase vocoder): where pitch and volume act
+    # SpecAugment: masks of the image, set to its floor (0), up to the given share of the frames / mel bands each
+    time_mask_p: float = 0.0
+    time_masks: int = 2
+    max_time_mask: float = 0.1
+    freq_mask_p: float = 0.0
+    freq_masks: int = 2
+    max_freq_mask: float = 0.1
+    # mixup: with probability mixup_p a training image is mixed with another of its batch, weight ~ Beta(a, a)
+    mixup_p: float = 0.0
+    mixup_alpha: float = 0.4
 
 
 @dataclass(frozen=True)
@@ -87,6 +97,11 @@ class ModelConfig:
     dropout: float = 0.3
     bn_momentum: float = 0.99  # Keras' default, as in the seed
     activation: str = "softmax"  # softmax | sigmoid
+    # crossentropy: categorical with softmax, binary with sigmoid, every species not labelled in a window counted
+    # absent | masked: binary on what is known (a TP call overlapping the window = 1, a train_fp row = 0)
+    loss: str = "crossentropy"
+    unknown_weight: float = 0.0  # masked: the weight of the unknown entries, as absent (0: ignored)
+    weights: str = "none"  # none | imagenet | a .weights.h5 file of the ResNet50 backbone (3-channel input)
 
 
 @dataclass(frozen=True)
@@ -104,6 +119,10 @@ class TrainConfig:
     distribute: bool = False  # tf.distribute.MirroredStrategy: each batch split over every local GPU
     keep_checkpoint: str = "until_finished"  # until_finished: a finished run keeps its model only | always: + last.keras
     system_metrics: bool = False  # MLflow system metrics (CPU, memory; GPU with nvidia-ml-py) every 10 s
+    fp_windows: float = 0.0  # training windows centred on train_fp rows, as a share of those on train_tp rows
+    recording_eval_every: int = 0  # score the validation recordings whole every k epochs (val_recording_lwlrap); 0: never
+    recording_hop_seconds: float = 0.0  # the sliding window's hop there; 0: half a crop, as predict
+    monitor: str = "val_lwlrap"  # val_lwlrap | val_recording_lwlrap: picks the best epoch; what tuning optimises
 
 
 @dataclass(frozen=True)
@@ -127,6 +146,8 @@ _CHOICES = {
     "augment.domain": AUGMENT_DOMAINS,
     "features.backend": ("numpy", "tensorflow"),
     "model.activation": ("softmax", "sigmoid"),
+    "model.loss": ("crossentropy", "masked"),
+    "train.monitor": ("val_lwlrap", "val_recording_lwlrap"),
     "train.lr_schedule": ("constant", "cosine"),
     "train.keep_checkpoint": ("until_finished", "always"),
 }
@@ -135,10 +156,15 @@ _POSITIVE = (
     "features.n_fft", "features.hop_length", "features.n_mels", "features.frames", "features.top_db",
     "model.dense_units", "train.epochs", "train.batch_size", "train.learning_rate",
 )
-_PROBABILITIES = ("augment.noise_p", "augment.pitch_p", "augment.time_shift_p", "augment.volume_p")
+_PROBABILITIES = (
+    "augment.noise_p", "augment.pitch_p", "augment.time_shift_p", "augment.volume_p", "augment.time_mask_p",
+    "augment.freq_mask_p", "augment.mixup_p", "augment.max_time_mask", "augment.max_freq_mask",
+    "model.unknown_weight",
+)
 _NON_NEGATIVE = (
-    "augment.max_semitones", "augment.max_shift_seconds", "augment.max_volume_db",
-    "train.warmup_epochs", "train.workers", "train.steps_per_epoch",
+    "augment.max_semitones", "augment.max_shift_seconds", "augment.max_volume_db", "augment.time_masks",
+    "augment.freq_masks", "train.warmup_epochs", "train.workers", "train.steps_per_epoch", "train.fp_windows",
+    "train.recording_eval_every", "train.recording_hop_seconds",
 )
 
 
@@ -171,6 +197,19 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("features.backend: tensorflow needs augment.domain: spectrogram")
     if cfg.train.warmup_epochs and cfg.train.lr_schedule == "constant":
         raise ConfigError("train.warmup_epochs needs train.lr_schedule: cosine")
+    if cfg.model.activation == "softmax" and (cfg.model.loss == "masked" or cfg.train.fp_windows):
+        what = "model.loss: masked" if cfg.model.loss == "masked" else "train.fp_windows"
+        raise ConfigError(f"{what} needs model.activation: sigmoid (a softmax cannot say that no species calls)")
+    if cfg.model.unknown_weight and cfg.model.loss != "masked":
+        raise ConfigError("model.unknown_weight needs model.loss: masked")
+    if not cfg.augment.mixup_alpha > 0:
+        raise ConfigError(f"augment.mixup_alpha must be > 0; got {cfg.augment.mixup_alpha}")
+    if cfg.augment.mixup_p and cfg.features.backend == "tensorflow":
+        raise ConfigError("augment.mixup_p needs features.backend: numpy (mixup mixes the images the workers make)")
+    if cfg.train.monitor == "val_recording_lwlrap" and not cfg.train.recording_eval_every:
+        raise ConfigError("train.monitor: val_recording_lwlrap needs train.recording_eval_every >= 1")
+    if cfg.model.weights not in ("none", "imagenet") and not cfg.model.weights.endswith(".h5"):
+        raise ConfigError(f"model.weights must be none, imagenet or a .weights.h5 file; got {cfg.model.weights!r}")
     if cfg.folds.n_splits < 2:
         raise ConfigError(f"folds.n_splits must be >= 2; got {cfg.folds.n_splits}")
     if not 0 <= cfg.features.fmin < cfg.features.fmax <= cfg.data.sample_rate / 2:
@@ -178,6 +217,12 @@ def _validate(cfg: Config) -> None:
             f"features.fmin < features.fmax <= data.sample_rate/2 is required; got "
             f"fmin={cfg.features.fmin}, fmax={cfg.features.fmax}, sample_rate={cfg.data.sample_rate}"
         )
+
+
+def check_files(cfg: Config) -> None:
+    """The files a config names exist on this machine (left out of ``load``: predicting needs none of them)."""
+    if cfg.model.weights not in ("none", "imagenet") and not Path(cfg.model.weights).is_file():
+        raise ConfigError(f"model.weights: {cfg.model.weights} is not a file")
 
 
 def check_fold(cfg: Config, fold: int) -> None:

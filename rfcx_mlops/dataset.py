@@ -237,8 +237,10 @@ def prepare(cfg: Config) -> Dataset:
 
 
 def check_crop(cfg: Config, data: Dataset) -> None:
-    """A training window must fit in every labelled recording."""
-    shortest = min(data.recordings[rid].duration for rid in data.tp["recording_id"].unique())
+    """A training window must fit in every recording it is cut from: the labelled ones, and with
+    ``train.fp_windows`` those of train_fp.csv."""
+    ids = set(data.tp["recording_id"]) | (set(data.fp["recording_id"]) if cfg.train.fp_windows else set())
+    shortest = min(data.recordings[rid].duration for rid in ids)
     if cfg.data.crop_seconds > shortest:
         raise ConfigError(f"data.crop_seconds {cfg.data.crop_seconds} is longer than the shortest recording "
                           f"({shortest:.2f} s)")

@@ -111,8 +111,13 @@ class MelFeatures:
         return out
 
     def __call__(self, y: np.ndarray, draw: SpectralDraw | None = None, out: np.ndarray | None = None) -> np.ndarray:
-        """``y``'s image, written into ``out`` when given (a batch's slot: no copy)."""
-        return self.from_log_mel(self.log_mel(y, draw), out)
+        """``y``'s image, written into ``out`` when given (a batch's slot: no copy), masked as drawn."""
+        image = self.from_log_mel(self.log_mel(y, draw), out)
+        if draw and (draw.time_masks or draw.freq_masks):
+            mel_kept, frames_kept = draw.kept(*image.shape)
+            image *= mel_kept[:, None]
+            image *= frames_kept
+        return image
 
 
 def resize_time(image: np.ndarray, frames: int) -> np.ndarray:
@@ -134,8 +139,8 @@ class TFMelFeatures:
 
     ``(batch, samples)`` float32 waveforms -> ``(batch, n_mels, frames)`` images, the same as
     ``MelFeatures`` gives one by one (tested on the CPU to 1e-3).  For training, each sample's
-    spectrogram-domain draw comes as ``semitones`` (batch,) and ``gain_db`` (batch, STFT frames:
-    ``SpectralDraw.frame_gain_db``).  The waveform work left to the data workers (cached
+    spectrogram-domain draw comes as ``semitones`` (batch,), ``gain_db`` (batch, STFT frames:
+    ``SpectralDraw.frame_gain_db``) and the masks' ``kept`` vectors (batch, n_mels), (batch, frames).  The waveform work left to the data workers (cached
     window, noise, time shift) is then a few ms a sample.
     """
 
@@ -150,7 +155,7 @@ class TFMelFeatures:
         self.window = tf.constant(reference.window)
         self.banks = tf.constant(np.stack([reference.banks[n].toarray().T for n in sorted(reference.banks)]))
 
-    def __call__(self, audio, semitones=None, gain_db=None):
+    def __call__(self, audio, semitones=None, gain_db=None, mel_kept=None, frames_kept=None):
         tf, cfg = self.tf, self.cfg
         audio = tf.convert_to_tensor(audio, tf.float32)
         padded = tf.pad(audio, [[0, 0], [cfg.n_fft // 2, cfg.n_fft // 2]])
@@ -173,7 +178,10 @@ class TFMelFeatures:
             db = tf.gather(db, lo, axis=-1) * (1 - w) + tf.gather(db, hi, axis=-1) * w
         low = tf.reduce_min(db, axis=[1, 2], keepdims=True)
         span = tf.reduce_max(db, axis=[1, 2], keepdims=True) - low
-        return tf.where(span > 0, (db - low) / tf.where(span > 0, span, 1.0), 0.0)
+        image = tf.where(span > 0, (db - low) / tf.where(span > 0, span, 1.0), 0.0)
+        if mel_kept is not None:
+            image *= tf.cast(mel_kept, tf.float32)[:, :, None] * tf.cast(frames_kept, tf.float32)[:, None, :]
+        return image
 
 
 @keras.saving.register_keras_serializable(package="rfcx_mlops")

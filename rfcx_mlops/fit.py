@@ -7,6 +7,7 @@ fit, then the best epoch's per-species scores and model.  The command line is
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -22,20 +23,23 @@ from sklearn.metrics import average_precision_score
 
 from rfcx_mlops import dataset, folds, serve, tracking
 from rfcx_mlops.config import Config, ConfigError, check_fold
-from rfcx_mlops.audio import AudioInfo
+from rfcx_mlops.audio import AudioInfo, read_window
 from rfcx_mlops.generator import Batches, Samples, SpectrogramBatches, make_batches, make_samples, reuse_freed_memory
 from rfcx_mlops.metrics import lwlrap
 from rfcx_mlops.model import build, for_training, precision_and_devices, weights_only
 
 log = logging.getLogger("rfcx_mlops.fit")
 GRID_SAMPLES = 4
+# ResNet50 training on a CPU: 1.13 samples/s of 128 x 1876 images on 2 cores (benchmarks/train_step.py)
+CPU_PIXELS_PER_CORE_SECOND = 1.13 * 128 * 1876 / 2
+_FP_WINDOWS_STREAM = 1  # the Generator choosing the train_fp windows: [seed, this]
 
 
 @dataclass(frozen=True)
 class FoldResult:
     run_id: str
     fold: int
-    best_val_lwlrap: float
+    best_value: float  # of the monitored metric (train.monitor)
     best_epoch: int
     species_ap: pd.Series  # validation AP per species of the best epoch
     predictions: pd.DataFrame  # the best epoch's validation windows: recording_id, start, fold, y0.., s0..
@@ -53,6 +57,77 @@ def _augmentation_grid(cfg: Config, samples: Samples, recordings: dict[str, Audi
     shown = [{k: v for k, v in d[1].items() if k not in ("noise_seed", "shift_samples")} for d in drawn]
     mlflow.log_figure(tracking.augmentation_grid(before, [d[0] for d in drawn], titles, shown),
                       "augmentation_samples.png")
+
+
+class RecordingValidation(keras.callbacks.Callback):
+    """Every ``train.recording_eval_every`` epochs: the validation recordings scored whole, as predict
+    scores them (sliding windows, each species' maximum over them), against the species with a
+    labelled call in each: ``val_recording_lwlrap`` in the epoch's logs.
+
+    The windows' model input is computed once when it fits in ``CACHE_BYTES``, else every time.
+    """
+
+    CACHE_BYTES = 1 << 30
+
+    def __init__(self, model: keras.Model, cfg: Config, events: pd.DataFrame, recordings: dict[str, AudioInfo]):
+        super().__init__()
+        self.every = cfg.train.recording_eval_every
+        self.scorer = serve.Scorer([model], cfg, cfg.train.recording_hop_seconds or None)
+        ids = sorted(events["recording_id"].unique())
+        self.infos = [recordings[rid] for rid in ids]
+        self.truth = np.zeros((len(ids), cfg.data.n_classes), np.float32)
+        for row, species in enumerate(events.groupby("recording_id")["species_id"].unique().loc[ids]):
+            self.truth[row, species] = 1.0
+        f = cfg.features
+        per_window = 4 * (f.n_mels * f.frames if f.backend == "numpy" else cfg.data.window_samples)  # float32
+        windows = sum(len(serve.window_starts(i.duration, self.scorer.crop, self.scorer.hop)) for i in self.infos)
+        self.cache: dict[int, np.ndarray] | None = {} if windows * per_window <= self.CACHE_BYTES else None
+
+    def _inputs(self, k: int) -> np.ndarray:
+        if self.cache is not None and k in self.cache:
+            return self.cache[k]
+        info = self.infos[k]
+        x = self.scorer.inputs(read_window(info, 0.0, info.duration, self.scorer.sample_rate))
+        if self.cache is not None:
+            self.cache[k] = x
+        return x
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every or logs is None:
+            return
+        scores = np.stack([self.scorer.pooled(self._inputs(k)) for k in range(len(self.infos))])
+        logs["val_recording_lwlrap"] = lwlrap(self.truth, scores)
+
+
+def _samples(cfg: Config, data: dataset.Dataset, train_events: pd.DataFrame,
+             val_events: pd.DataFrame) -> tuple[Samples, Samples]:
+    """Training and validation windows; with ``train.fp_windows``, training windows on train_fp rows too.
+
+    Rows of train_fp mark species known absent in both; those of the validation recordings
+    never become training windows.
+    """
+    args = (data.recordings, cfg.data.crop_seconds, cfg.data.n_classes)
+    in_val = data.fp["recording_id"].isin(set(val_events["recording_id"]))
+    train_fp, val_fp = data.fp[~in_val], data.fp[in_val]
+    n = min(len(train_fp), round(cfg.train.fp_windows * len(train_events)))
+    chosen = np.sort(np.random.default_rng([cfg.seed, _FP_WINDOWS_STREAM]).choice(len(train_fp), n, replace=False))
+    return (make_samples(train_events, *args, absences=train_fp, centred_on_absences=train_fp.iloc[chosen]),
+            make_samples(val_events, *args, absences=val_fp))
+
+
+@functools.cache
+def _warn_without_gpu(cfg: Config, samples_per_epoch: int) -> None:
+    """One line where a run would take hours on this machine's CPU: the estimate and the CPU-sized preset."""
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        return
+    cores = os.cpu_count() or 1
+    epoch = samples_per_epoch * cfg.features.n_mels * cfg.features.frames / (CPU_PIXELS_PER_CORE_SECOND * cores)
+    if epoch * cfg.train.epochs > 3600:
+        log.warning("no GPU here: %s takes about %.0f min an epoch on this CPU (%d cores), %.1f h for %d epochs; "
+                    "experiments/quick.yaml is sized for a CPU", cfg.name, epoch / 60, cores,
+                    epoch * cfg.train.epochs / 3600, cfg.train.epochs)
 
 
 def _validation_scores(model: keras.Model, batches: Batches, fold: int) -> tuple[pd.Series, pd.DataFrame]:
@@ -115,9 +190,9 @@ def _resumed_run(cfg: Config, run: mlflow.entities.Run, folder: Path) -> _Start:
         trained = for_training(model, cfg)
     epoch = int(run.data.tags.get("checkpoint_epoch", 0))
     best_epoch = int(run.data.tags.get("best_epoch", 0))
-    history = mlflow.tracking.MlflowClient().get_metric_history(run_id, "val_lwlrap")
+    history = mlflow.tracking.MlflowClient().get_metric_history(run_id, cfg.train.monitor)
     best = next((m.value for m in history if m.step == best_epoch), -np.inf)
-    log.info("resuming run %s after epoch %d (best val_lwlrap %.4f)", run_id, epoch, best)
+    log.info("resuming run %s after epoch %d (best %s %.4f)", run_id, epoch, cfg.train.monitor, best)
     return _Start(model, trained, epoch, best, best_epoch,
                   tracking.best_weights(run_id, best_epoch, epoch, model, folder / "best"))
 
@@ -138,15 +213,14 @@ def train_fold(cfg: Config, fold: int, *, data: dataset.Dataset | None = None, r
     train_events, val_events = folds.by_fold(data.tp, assigned, fold)
     if val_events.empty or train_events.empty:
         raise ConfigError(f"fold {fold} of {cfg.folds.n_splits} leaves no training or no validation samples")
-    sample_args = (data.recordings, cfg.data.crop_seconds, cfg.data.n_classes)
     workers = cfg.train.workers or os.cpu_count() or 1
     reuse_freed_memory()  # process-wide: the batches' workers allocate many 2-8 MB arrays a sample
-    train_batches = make_batches(make_samples(train_events, *sample_args), data.recordings, cfg, training=True,
-                                 workers=workers)
-    val_batches = make_batches(make_samples(val_events, *sample_args), data.recordings, cfg, training=False,
-                               workers=workers)
-    log.info("fold %d: %d training and %d validation samples, %d steps an epoch", fold,
-             len(train_batches.samples), len(val_batches.samples), len(train_batches))
+    train_samples, val_samples = _samples(cfg, data, train_events, val_events)
+    train_batches = make_batches(train_samples, data.recordings, cfg, training=True, workers=workers)
+    val_batches = make_batches(val_samples, data.recordings, cfg, training=False, workers=workers)
+    _warn_without_gpu(cfg, train_batches.samples_per_epoch)
+    log.info("fold %d: %d training windows (%d on train_fp rows) and %d validation windows, %d steps an epoch",
+             fold, len(train_samples), len(train_samples) - len(train_events), len(val_samples), len(train_batches))
     if resume and f"{tracking.CHECKPOINT_DIR}/last.keras" not in {
             a.path for a in mlflow.MlflowClient().list_artifacts(resume, tracking.CHECKPOINT_DIR)}:
         raise ConfigError(f"resume: run {resume} has no checkpoint: it stopped before its first epoch ended; "
@@ -162,14 +236,18 @@ def train_fold(cfg: Config, fold: int, *, data: dataset.Dataset | None = None, r
             train_batches.set_epoch(start.epoch)
         else:
             start = _new_run(cfg, fold, data, assigned, train_batches, folder, tags or {})
-        logger = tracking.EpochLogger(train_batches.samples_per_epoch, folder, start.model, best_so_far=start.best,
-                                      best_epoch=start.best_epoch, best_weights=start.best_weights)
+        logger = tracking.EpochLogger(train_batches.samples_per_epoch, folder, start.model, cfg.train.monitor,
+                                      best_so_far=start.best, best_epoch=start.best_epoch,
+                                      best_weights=start.best_weights)
+        # Before the logger, which reads what it adds to the epoch's logs.
+        scoring = [RecordingValidation(start.model, cfg, val_events, data.recordings)] \
+            if cfg.train.recording_eval_every else []
         start.trained.run_eagerly = cfg.train.run_eagerly
         # The batches shuffle themselves from the seed; Keras' own shuffle would use Python's global RNG.
         start.trained.fit(train_batches, validation_data=val_batches, epochs=cfg.train.epochs, initial_epoch=start.epoch,
-                  shuffle=False, callbacks=[logger, *callbacks], verbose=1 if sys.stdout.isatty() else 2)
+                  shuffle=False, callbacks=[*scoring, logger, *callbacks], verbose=1 if sys.stdout.isatty() else 2)
         if logger.best_weights is None:
-            raise RuntimeError("no epoch produced a finite val_lwlrap")
+            raise RuntimeError(f"no epoch produced a finite {cfg.train.monitor}")
 
         best_model = weights_only(start.model, logger.best_weights)
         ap, predictions = _validation_scores(best_model, val_batches, fold)
@@ -177,10 +255,10 @@ def train_fold(cfg: Config, fold: int, *, data: dataset.Dataset | None = None, r
         tracking.log_species_ap(ap, f"Per-species validation average precision, best epoch ({logger.best_epoch})")
         if log_model:
             serve.log_servable(best_model, cfg, folder)
-        mlflow.log_metrics({"best_val_lwlrap": logger.best, "best_epoch": logger.best_epoch})
+        mlflow.log_metrics({f"best_{cfg.train.monitor}": logger.best, "best_epoch": logger.best_epoch})
         tracking.drop_checkpoints(run.info.run_id, keep_last=cfg.train.keep_checkpoint == "always")
-        log.info("fold %d: best val_lwlrap %.4f at epoch %d (recomputed with scikit-learn: %.4f)", fold,
-                 logger.best, logger.best_epoch, check)
+        log.info("fold %d: best %s %.4f at epoch %d (its val_lwlrap recomputed with scikit-learn: %.4f)", fold,
+                 cfg.train.monitor, logger.best, logger.best_epoch, check)
     return FoldResult(run.info.run_id, fold, logger.best, logger.best_epoch, ap, predictions)
 
 
@@ -194,7 +272,7 @@ def train_cv(cfg: Config, *, tags: dict[str, str] | None = None) -> tuple[str, l
                          "demo_data": data.demo, **(tags or {})})
         results = [train_fold(cfg, fold, data=data, parent_run_id=parent.info.run_id)
                    for fold in range(1, cfg.folds.n_splits + 1)]
-        tracking.log_cv_summary(results)
+        tracking.log_cv_summary(results, cfg.train.monitor)
     return parent.info.run_id, results
 
 

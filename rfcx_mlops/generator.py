@@ -15,19 +15,52 @@ import pandas as pd
 from rfcx_mlops import augment
 from rfcx_mlops.audio import AudioInfo, read_window
 from rfcx_mlops.config import AugmentConfig, Config
+from rfcx_mlops.dataset import no_events
 from rfcx_mlops.features import MelFeatures
+from rfcx_mlops.metrics import UNKNOWN
 
 
 @dataclass(frozen=True)
 class Samples:
-    """One training or validation sample per labelled call: a crop window and its targets."""
+    """Training or validation windows and what is known of each species in them."""
 
     recording_ids: np.ndarray  # (n,) str
     starts: np.ndarray  # (n,) window start in seconds
-    labels: np.ndarray  # (n, n_classes) float32 multi-hot
+    labels: np.ndarray  # (n, n_classes) float32: 1 where a labelled call (train_tp) overlaps the window
+    known: np.ndarray  # (n, n_classes) bool: labelled, or verified absent (a train_fp row overlaps the window)
 
     def __len__(self) -> int:
         return len(self.starts)
+
+
+def targets(labels: np.ndarray, known: np.ndarray, masked: bool) -> np.ndarray:
+    """What the loss is given: the labels, or with ``masked`` the labels where known and ``UNKNOWN`` elsewhere."""
+    return np.where(known, labels, np.float32(UNKNOWN)) if masked else labels
+
+
+def mixup(images: np.ndarray, labels: np.ndarray, known: np.ndarray, cfg: Config,
+          rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """With probability ``augment.mixup_p`` each image is mixed with another of the batch, weight ~ Beta(a, a).
+
+    Sounds add up, so with sigmoid outputs a species is present in the mix where present in
+    either (the union), known absent where known absent in both, and unknown otherwise; with a
+    softmax the targets mix with the images' weights, as in the original mixup.
+    """
+    n = len(images)
+    mixed = rng.random(n) < cfg.augment.mixup_p
+    partner = (np.arange(n) + rng.integers(1, max(n, 2), n)) % n  # another sample of the batch
+    weight = rng.beta(cfg.augment.mixup_alpha, cfg.augment.mixup_alpha, n).astype(np.float32)
+    if n < 2 or not mixed.any():
+        return images, labels, known
+    w = np.where(mixed, weight, np.float32(1.0))
+    images = w[:, None, None, None] * images + (1 - w[:, None, None, None]) * images[partner]
+    if cfg.model.activation == "softmax":
+        labels = w[:, None] * labels + (1 - w[:, None]) * labels[partner]
+        return images, labels, known
+    other_labels = np.where(mixed[:, None], labels[partner], labels)
+    other_known = np.where(mixed[:, None], known[partner], known)
+    labels = np.maximum(labels, other_labels)
+    return images, labels, (labels > 0) | (known & other_known)
 
 
 def window_start(t_min: float, t_max: float, crop_seconds: float, duration: float) -> float:
@@ -36,23 +69,36 @@ def window_start(t_min: float, t_max: float, crop_seconds: float, duration: floa
     return float(max(0.0, min(start, duration - crop_seconds)))
 
 
-def make_samples(events: pd.DataFrame, recordings: dict[str, AudioInfo], crop_seconds: float,
-                 n_classes: int) -> Samples:
-    """A window centred on every event; its targets are every species with a call overlapping the window.
+def make_samples(events: pd.DataFrame, recordings: dict[str, AudioInfo], crop_seconds: float, n_classes: int,
+                 absences: pd.DataFrame | None = None, centred_on_absences: pd.DataFrame | None = None) -> Samples:
+    """A window centred on every labelled call of ``events`` (train_tp rows), then on every row of
+    ``centred_on_absences`` (train_fp rows).
 
-    Labelling the whole window (not just the row's species) keeps a second species
-    audible in the same crop from counting as a wrong answer.
+    A window's labels are every species with a labelled call overlapping it: labelling the whole
+    window (not just the row's species) keeps a second species audible in the same crop from
+    counting as a wrong answer.  A species with a row of ``absences`` overlapping the window, and
+    no labelled call there, is known absent; the other species are unknown.
     """
-    by_recording = {rid: rows for rid, rows in events.groupby("recording_id")}
-    ids, starts, labels = [], [], np.zeros((len(events), n_classes), dtype=np.float32)
-    for i, row in enumerate(events.itertuples(index=False)):
+    absences = no_events() if absences is None else absences
+    centres = pd.concat([events, no_events() if centred_on_absences is None else centred_on_absences])
+    calls = {rid: rows for rid, rows in events.groupby("recording_id")}
+    absent = {rid: rows for rid, rows in absences.groupby("recording_id")}
+    n = len(centres)
+    labels, known = np.zeros((n, n_classes), np.float32), np.zeros((n, n_classes), bool)
+    starts = np.empty(n)
+    for i, row in enumerate(centres.itertuples(index=False)):
         start = window_start(row.t_min, row.t_max, crop_seconds, recordings[row.recording_id].duration)
-        calls = by_recording[row.recording_id]
-        overlapping = calls[(calls["t_max"] > start) & (calls["t_min"] < start + crop_seconds)]
-        labels[i, overlapping["species_id"].to_numpy()] = 1.0
-        ids.append(row.recording_id)
-        starts.append(start)
-    return Samples(np.array(ids), np.array(starts, dtype=np.float64), labels)
+        starts[i] = start
+        for table, out in ((absent, known), (calls, labels)):
+            rows = table.get(row.recording_id)
+            if rows is not None:
+                inside = rows[(rows["t_max"] > start) & (rows["t_min"] < start + crop_seconds)]
+                out[i, inside["species_id"].to_numpy()] = 1
+    known |= labels > 0
+    return Samples(centres["recording_id"].to_numpy(dtype=str), starts, labels, known)
+
+
+_MIXUP_STREAM = 2**32  # a batch's mixup Generator: [seed, epoch, batch, this]; no sample's draws use it
 
 
 class Batches(keras.utils.PyDataset):
@@ -82,6 +128,8 @@ class Batches(keras.utils.PyDataset):
         self.transform = augment.from_config(cfg.augment if training else AugmentConfig(enabled=False),
                                              self.sample_rate)
         self.spectral = self.transform.spectral  # part of each draw is applied to the spectrogram
+        self.masked = cfg.model.loss == "masked"
+        self.mixup = training and cfg.augment.mixup_p > 0
         self.epoch = 0
         self.order = self._order()
         self._cache: dict[int, np.ndarray] = {}  # training: 16-bit audio; validation: images
@@ -141,7 +189,8 @@ class Batches(keras.utils.PyDataset):
         return [(int(i), (start + k) // n) for k, i in enumerate(self.order[start : start + self.batch_size])]
 
     def labels(self, batch: list[tuple[int, int]]) -> np.ndarray:
-        return self.samples.labels[[i for i, _ in batch]]
+        idx = [i for i, _ in batch]
+        return targets(self.samples.labels[idx], self.samples.known[idx], self.masked)
 
     def set_epoch(self, epoch: int) -> None:
         """Continue the sequence of shuffles and draws from ``epoch`` (0-based), as when resuming a run."""
@@ -182,15 +231,20 @@ class SpectrogramBatches(Batches):
         images = np.empty((len(batch), f.n_mels, f.frames, 1), np.float32)
         for k, (i, repeat) in enumerate(batch):
             self.sample(i, self.epoch, repeat, out=images[k, ..., 0])
-        return images, self.labels(batch)
+        if not self.mixup:
+            return images, self.labels(batch)
+        idx = [i for i, _ in batch]
+        images, labels, known = mixup(images, self.samples.labels[idx], self.samples.known[idx], self.cfg,
+                                      np.random.default_rng([self.cfg.seed, self.epoch, index, _MIXUP_STREAM]))
+        return images, targets(labels, known, self.masked)
 
 
 class WaveformBatches(Batches):
     """Batches for ``features.backend: tensorflow``, whose model makes the images where it runs.
 
-    Training with augmentation: ``{"audio", "semitones", "gain_db"}``, the windows after the
-    waveform-domain augmentations (noise, time shift) and each one's spectrogram-domain draw,
-    the gain per STFT frame (what ``model.Augmented`` applies).  Otherwise (validation): the
+    Training with augmentation: ``{"audio", "semitones", "gain_db", "mel_kept", "frames_kept"}``, the windows after the
+    waveform-domain augmentations (noise, time shift) and each one's spectrogram-domain draw:
+    the gain per STFT frame and the masks (what ``model.Augmented`` applies).  Otherwise (validation): the
     windows as ``(batch, samples)`` audio, what the saved model takes.
     """
 
@@ -200,9 +254,11 @@ class WaveformBatches(Batches):
         audio = np.stack([d.y for d in drawn])
         if not self.spectral:
             return audio, self.labels(batch)
-        n, hop = self.cfg.data.window_samples, self.cfg.features.hop_length
+        n, f = self.cfg.data.window_samples, self.cfg.features
+        kept = [d.spectral.kept(f.n_mels, f.frames) for d in drawn]
         inputs = {"audio": audio, "semitones": np.array([d.spectral.semitones for d in drawn], np.int32),
-                  "gain_db": np.stack([d.spectral.frame_gain_db(n, hop) for d in drawn]).astype(np.float32)}
+                  "gain_db": np.stack([d.spectral.frame_gain_db(n, f.hop_length) for d in drawn]).astype(np.float32),
+                  "mel_kept": np.stack([m for m, _ in kept]), "frames_kept": np.stack([t for _, t in kept])}
         return inputs, self.labels(batch)
 
 

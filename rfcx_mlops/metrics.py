@@ -1,7 +1,8 @@
-"""LWLRAP, the RFCX competition metric: label-weighted label-ranking average precision.
+"""LWLRAP, the RFCX competition metric: label-weighted label-ranking average precision; the masked loss.
 
 ``lwlrap`` is the numpy value (scikit-learn); ``StreamingLWLRAP`` the Keras metric
-that reaches the same value over an epoch of batches.
+that reaches the same value over an epoch of batches.  Targets are 1 (present), 0 (absent)
+and, for ``MaskedBinaryCrossentropy``, ``UNKNOWN``: both metrics count only 1 as a true label.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import keras
 import numpy as np
 from keras import ops
 from sklearn.metrics import label_ranking_average_precision_score
+
+UNKNOWN = -1.0  # a target neither labelled present (train_tp) nor verified absent (train_fp)
 
 
 def lwlrap(y_true: np.ndarray, scores: np.ndarray) -> float:
@@ -58,3 +61,29 @@ class StreamingLWLRAP(keras.metrics.Metric):
 
     def get_config(self):
         return {"num_classes": self.num_classes, "name": self.name}
+
+
+@keras.saving.register_keras_serializable(package="rfcx_mlops")
+class MaskedBinaryCrossentropy(keras.losses.Loss):
+    """Binary cross-entropy on the known targets (1 or 0); an ``UNKNOWN`` one counts as 0 with ``unknown_weight``.
+
+    Per sample: the weighted sum over classes divided by the number of classes (Keras'
+    ``binary_crossentropy`` is the same mean with every weight 1), so ``unknown_weight=1``
+    is plain binary cross-entropy with the unknowns taken as absent.
+    """
+
+    def __init__(self, unknown_weight: float = 0.0, name: str = "masked_binary_crossentropy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.unknown_weight = unknown_weight
+
+    def call(self, y_true, y_pred):
+        y_true = ops.cast(y_true, "float32")
+        y_pred = ops.clip(ops.cast(y_pred, "float32"), keras.config.epsilon(), 1.0 - keras.config.epsilon())
+        known = ops.not_equal(y_true, UNKNOWN)
+        target = ops.where(known, y_true, 0.0)
+        weight = ops.where(known, 1.0, self.unknown_weight)
+        loss = -(target * ops.log(y_pred) + (1.0 - target) * ops.log(1.0 - y_pred))
+        return ops.mean(weight * loss, axis=-1)
+
+    def get_config(self):
+        return {**super().get_config(), "unknown_weight": self.unknown_weight}

@@ -1,15 +1,17 @@
-"""ResNet50 (random init, one input channel) with the seed's classification head, built from the config."""
+"""ResNet50 (random, ImageNet's or a file's weights) with the seed's classification head, built from the config;
+the wrapper that trains it on augmented images made in the model."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 
 import keras
 
-from rfcx_mlops.config import Config
+from rfcx_mlops.config import Config, ConfigError, check_files
 from rfcx_mlops.features import MelFrontEnd, TFMelFeatures
-from rfcx_mlops.metrics import StreamingLWLRAP
+from rfcx_mlops.metrics import MaskedBinaryCrossentropy, StreamingLWLRAP
 
 
 def learning_rate(cfg: Config, steps_per_epoch: int):
@@ -58,8 +60,7 @@ def _classifier(cfg: Config, name: str) -> keras.Model:
     """ResNet50 and the seed's head: (batch, n_mels, frames, 1) images -> (batch, n_classes) scores."""
     f, m = cfg.features, cfg.model
     images = keras.Input(shape=(f.n_mels, f.frames, 1), name="mel")
-    backbone = keras.applications.ResNet50(include_top=False, weights=None, input_tensor=images)
-    x = keras.layers.GlobalAveragePooling2D()(backbone.output)
+    x = keras.layers.GlobalAveragePooling2D()(_backbone(cfg, images).output)
     x = keras.layers.BatchNormalization()(x)
     x = keras.layers.Dropout(m.dropout)(x)
     x = keras.layers.Dense(m.dense_units, activation="relu", kernel_initializer="he_normal")(x)
@@ -77,8 +78,34 @@ def _classifier(cfg: Config, name: str) -> keras.Model:
     return model
 
 
+def _backbone(cfg: Config, images) -> keras.Model:
+    """ResNet50 without its top: random (``model.weights: none``), or ImageNet's or a file's filters.
+
+    Pretrained filters expect 3 channels: the one-channel mel image is repeated into each (the
+    first convolution then sums its three filters; batch normalisation after it absorbs the scale).
+    """
+    weights = cfg.model.weights
+    if weights == "none":
+        return keras.applications.ResNet50(include_top=False, weights=None, input_tensor=images)
+    rgb = keras.layers.Concatenate(name="mel_to_rgb")([images] * 3)
+    check_files(cfg)
+    try:
+        with warnings.catch_warnings():  # a file of another model: one warning per layer before the error
+            warnings.simplefilter("ignore", UserWarning)
+            return keras.applications.ResNet50(include_top=False, weights=weights, input_tensor=rgb)
+    except Exception as exc:  # a download (URLError, HTTP errors) or a file of another model (ValueError)
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if weights == "imagenet":
+            raise ConfigError("model.weights: imagenet: the ImageNet weights could not be downloaded "
+                              f"({reason}); give the path of a ResNet50 .weights.h5 file instead") from None
+        raise ConfigError(f"model.weights: {weights} does not hold ResNet50 backbone weights ({reason})") from None
+
+
 def _compiled(cfg: Config) -> dict:
-    loss = "categorical_crossentropy" if cfg.model.activation == "softmax" else "binary_crossentropy"
+    if cfg.model.loss == "masked":
+        loss = MaskedBinaryCrossentropy(cfg.model.unknown_weight)
+    else:
+        loss = "categorical_crossentropy" if cfg.model.activation == "softmax" else "binary_crossentropy"
     return {"loss": loss, "metrics": [StreamingLWLRAP(cfg.data.n_classes)]}
 
 
@@ -95,8 +122,8 @@ def for_training(model: keras.Model, cfg: Config) -> keras.Model:
 class Augmented(keras.Model):
     """Trains ``model``'s classifier on images that carry each sample's spectrogram-domain draw.
 
-    Training batches are ``{"audio", "semitones" (batch,), "gain_db" (batch, STFT frames)}``
-    (``generator.WaveformBatches``); validation batches are audio, which go through ``model``
+    Training batches are ``{"audio", "semitones" (batch,), "gain_db" (batch, STFT frames),
+    "mel_kept" (batch, n_mels), "frames_kept" (batch, frames)}`` (``generator.WaveformBatches``); validation batches are audio, which go through ``model``
     unchanged.  So the augmentation never becomes part of ``model``: what is saved, resumed
     and served takes audio only.  The wrapper itself is never saved.
     """
@@ -109,7 +136,8 @@ class Augmented(keras.Model):
     def call(self, inputs, training=False):
         if not isinstance(inputs, dict):
             return self.inference(inputs, training=training)
-        images = self.mel(inputs["audio"], inputs["semitones"], inputs["gain_db"])[..., None]
+        images = self.mel(inputs["audio"], inputs["semitones"], inputs["gain_db"], inputs["mel_kept"],
+                          inputs["frames_kept"])[..., None]
         return self.inference.get_layer("classifier")(images, training=training)
 
 

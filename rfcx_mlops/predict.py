@@ -86,6 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="submission.csv", help="output CSV (default submission.csv)")
     p.add_argument("--hop", type=lambda s: cli.positive_seconds(s) if s else None, default=None,
                    help="seconds between windows (default: half a window)")
+    p.add_argument("--min-lwlrap", type=float, default=None, metavar="X",
+                   help=f"exit 1 when the test LWLRAP (the demo data's {LABELS_FILE}) is below X: a gate")
     cli.add_verbose(p)
     return p.parse_args(argv)
 
@@ -102,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
         if not str(data_dir) or str(data_dir) == ".":
             raise PredictError(f"run {args.run_id} records no data_dir; pass --data-dir")
         ids, files = recordings(data_dir, scorer.n_classes)
+        if args.min_lwlrap is not None and not (data_dir / LABELS_FILE).is_file():
+            raise PredictError(f"--min-lwlrap: {data_dir} has no {LABELS_FILE} to score against")
         log.info("scoring %d recordings in %s: %.1f s windows every %.2f s", len(ids), data_dir, scorer.crop,
                  scorer.hop)
         submission, skipped = predict(scorer, ids, files)
@@ -120,6 +124,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {len(skipped)} recording(s) could not be scored and have no row:", file=sys.stderr)
         for line in skipped:
             print(f"  {line}", file=sys.stderr)
+        return 1
+    if args.min_lwlrap is not None and score < args.min_lwlrap:
+        print(f"error: test LWLRAP {score:.4f} is below the gate --min-lwlrap {args.min_lwlrap:g}", file=sys.stderr)
         return 1
     return 0
 

@@ -1,8 +1,8 @@
 """A plain table of an experiment's runs: ``python -m rfcx_mlops.report [--experiment rfcx]``.
 
 One row per run (folds, cross-validation runs, studies and their trials), oldest first:
-preset, fold, best val_lwlrap, best epoch, epochs trained, wall time, and the megabytes of
-artifacts it keeps (its own and its logged model's).  The same rows go to a CSV for
+preset, fold, best val_lwlrap (or val_recording_lwlrap, where that picked the epoch), test LWLRAP
+(where predict scored the demo data's test set), best epoch, epochs trained, wall time, and the megabytes of artifacts it keeps (its own and its logged model's).  The same rows go to a CSV for
 spreadsheets and scripts.
 """
 
@@ -20,8 +20,8 @@ from mlflow.tracking import MlflowClient
 from rfcx_mlops import cli
 from rfcx_mlops.config import DEFAULT_EXPERIMENT
 
-COLUMNS = ["run_id", "run_name", "status", "preset", "fold", "best_val_lwlrap", "best_epoch", "epochs",
-           "wall_time_s", "artifacts_mb", "started"]
+COLUMNS = ["run_id", "run_name", "status", "preset", "fold", "best_val_lwlrap", "best_val_recording_lwlrap",
+           "test_lwlrap", "best_epoch", "epochs", "wall_time_s", "artifacts_mb", "started"]
 
 
 def _tree_bytes(repo, path: str | None = None) -> int:
@@ -54,6 +54,8 @@ def runs_table(experiment: str) -> pd.DataFrame:
             "preset": data.tags.get("preset", ""),
             "fold": data.tags.get("fold", ""),
             "best_val_lwlrap": data.metrics.get("best_val_lwlrap"),
+            "best_val_recording_lwlrap": data.metrics.get("best_val_recording_lwlrap"),
+            "test_lwlrap": data.metrics.get("test_lwlrap"),
             "best_epoch": data.metrics.get("best_epoch"),
             "epochs": data.tags.get("checkpoint_epoch", ""),
             "wall_time_s": None if end is None else round((end - info.start_time) / 1000, 1),
@@ -67,7 +69,8 @@ def render(table: pd.DataFrame) -> str:
     """Fixed-width text, short run ids, minutes:seconds wall times."""
     shown = table.assign(
         run_id=table["run_id"].str[:8],
-        best_val_lwlrap=table["best_val_lwlrap"].map(lambda v: "" if pd.isna(v) else f"{v:.4f}"),
+        **{key: table[key].map(lambda v: "" if pd.isna(v) else f"{v:.4f}")
+           for key in ("best_val_lwlrap", "best_val_recording_lwlrap", "test_lwlrap")},
         best_epoch=table["best_epoch"].map(lambda v: "" if pd.isna(v) else str(v)),
         wall_time_s=table["wall_time_s"].map(lambda s: "" if pd.isna(s) else f"{int(s) // 60}:{int(s) % 60:02d}"),
     ).rename(columns={"wall_time_s": "wall_time"})

@@ -79,7 +79,10 @@ class Scorer:
 
     def scores(self, y: np.ndarray) -> np.ndarray:
         """(n_classes,) float32: per model the maximum over windows, then the mean over models."""
-        x = self.inputs(y)
+        return self.pooled(self.inputs(y))
+
+    def pooled(self, x: np.ndarray) -> np.ndarray:
+        """``scores`` from the windows' model input (``inputs``)."""
         return np.mean([np.asarray(m.predict_on_batch(x)).max(axis=0) for m in self.models], axis=0)
 
     def read(self, path: str | Path) -> np.ndarray:

@@ -194,7 +194,7 @@ def open_study(url: str, name: str, *, heartbeat: int, first_trial: dict[str, fl
         existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
         if name in existing and existing[name].direction != optuna.study.StudyDirection.MAXIMIZE:
             raise ConfigError(f"study {name!r} in {redact(url)} exists with direction "
-                              f"{existing[name].direction.name.lower()}; val_lwlrap is maximized: pick another "
+                              f"{existing[name].direction.name.lower()}; LWLRAP is maximized: pick another "
                               "--study-name")
         n_existing = existing[name].n_trials if name in existing else 0
         study = optuna.create_study(storage=storage, study_name=name, direction="maximize",

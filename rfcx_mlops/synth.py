@@ -1,18 +1,19 @@
-"""Deterministic RFCX-format demo data set: synthetic rainforest recordings with labelled calls.
+"""Deterministic RFCX-format demo data set: synthetic rainforest recordings, weakly labelled like the real data.
 
 `build(out_dir)` (or `python -m rfcx_mlops.synth OUT_DIR`) writes the Kaggle layout::
 
-    train_tp.csv            recording_id,species_id,songtype_id,t_min,f_min,t_max,f_max
+    train_tp.csv            recording_id,species_id,songtype_id,t_min,f_min,t_max,f_max: SOME of the train calls
     train_fp.csv            same columns: distractor sounds in a species' box, that species absent
     train/<id>.flac         60 s, 48 kHz, mono, 16-bit
     test/<id>.flac
-    test_labels.csv         recording_id,s0..s23 (0/1): the species present in each test recording
+    test_labels.csv         recording_id,s0..s23 (0/1): every species calling in each test recording
+    test_calls.csv          recording_id,species_id,t_min,f_min,t_max,f_max: every call of the test recordings
     sample_submission.csv   recording_id,s0..s23, all 0.5, test ids sorted
     .rfcx_demo.json         marker: what built the folder (lets a rebuild reuse it)
 
 Every recording is forest-like background (coloured noise with a slowly varying level, rain
 drops, insect buzz), generic distractor chirps, distractors placed in the frequency boxes of
-absent species (the train_fp rows) and the labelled calls. The 24 species use the real
+absent species (the train_fp rows) and the species' calls. The 24 species use the real
 per-species frequency boxes and call durations of the competition's train_tp.csv
 (`SPECIES_FACTS`, measured once and embedded here) and differ in the *pattern* of their calls
 (`SPECIES_PATTERNS`: sweeps, trills, pulse trains, harmonic stacks, two-note calls, pulsed
@@ -20,8 +21,20 @@ noise), so that many species share frequency bands and only the time-frequency s
 them apart. Species look the same for every seed; the seed only changes which calls are
 placed where, and the background.
 
+Version 2 labels the train set weakly, as the real one is (1216 train_tp rows over 1132
+recordings that hold many more calls): a train recording holds calls of 2-4 species, each
+calling once or more, and by default train_tp.csv labels ONE of those calls (of a species
+chosen so that every species gets about as many labelled rows); the other calls, including
+further calls of the labelled species, are in the audio but in no file.
+`Difficulty.labelled_fraction` labels more of them. train_fp.csv rows are never of a species
+that calls anywhere in their recording. The test truth is complete (test_labels.csv per
+recording, test_calls.csv per call) and skewed like the real test set's: one species (3) calls
+in most test recordings.
+
 Each recording is synthesised from its own `SeedSequence` child, so its audio does not depend
-on the order in which recordings are made or on how many worker processes make them.
+on the order in which recordings are made or on how many worker processes make them. Which
+calls are labelled does not change the audio either: the same seed and sizes give the same
+recordings for any `labelled_fraction`.
 """
 
 from __future__ import annotations
@@ -39,7 +52,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import scipy.fft
@@ -56,9 +69,12 @@ N_SAMPLES = SAMPLE_RATE * DURATION_S
 N_SPECIES = 24
 PEAK = 0.89  # peak amplitude after normalisation (about -1 dBFS)
 MARKER = ".rfcx_demo.json"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 1: one mostly single-species, fully labelled train set; 2: weak labels
 LABEL_COLUMNS = ("recording_id",) + tuple(f"s{k}" for k in range(N_SPECIES))
-OUTPUT_FILES = ("train_tp.csv", "train_fp.csv", "test_labels.csv", "sample_submission.csv", MARKER)
+OUTPUT_FILES = (
+    "train_tp.csv", "train_fp.csv", "test_labels.csv", "test_calls.csv", "sample_submission.csv", MARKER
+)
+CALL_COLUMNS = ("recording_id", "species_id", "t_min", "f_min", "t_max", "f_max")
 OUTPUT_DIRS = ("train", "test")
 
 
@@ -190,23 +206,50 @@ SPECIES_PATTERNS: tuple[Pattern, ...] = (
 class Difficulty:
     """Knobs of the generator (levels in dB of band power over the background in the same band).
 
-    With the defaults, a small CNN on 5 s log-mel crops learns the 240-recording set to LWLRAP
-    about 0.9 on held-out windows, while band-energy rules score 0.3-0.5 and a logistic regression
-    on the band profile about 0.64 (chance 0.155); see benchmarks/demo_difficulty.py.
+    Train recordings hold `train_species` species (a uniform draw within the inclusive range);
+    each species present calls 1 + Poisson(`extra_calls_mean`) times, at most `max_calls` calls
+    per recording (extra calls beyond it are dropped; every species present calls at least once).
+    `labelled_fraction` None or 0: train_tp.csv labels exactly one call per train recording, of a
+    species drawn so that the species are balanced over the set; a value in (0, 1]: that share of
+    each recording's calls (rounded, at least the one call above), 1.0 labelling every call.
+    Test recordings hold 1-3 species drawn as `test_species_p` says, all but `common_species`,
+    plus `common_species` in round(`common_species_share` x test recordings) of them (None: no
+    species is favoured).
+
+    How well a model learns the version 2 set has not been measured yet (the figures in
+    benchmarks/demo_difficulty.py are of version 1, where every call was labelled).
     """
 
     call_snr_db: tuple[float, float] = (3.0, 15.0)
     distractor_snr_db: tuple[float, float] = (0.0, 12.0)
-    second_call_p: float = 0.08  # a species calls twice in a recording
-    multi_species_train: float = 0.03  # share of train recordings with 2-3 species
-    test_species_p: tuple[float, float, float] = (0.5, 0.3, 0.2)  # 1, 2, 3 species per test recording
+    train_species: tuple[int, int] = (2, 4)  # species calling in a train recording, inclusive range
+    extra_calls_mean: float = 0.5  # each species present calls 1 + Poisson(this) times ...
+    max_calls: int = 8  # ... with at most this many calls in a recording
+    labelled_fraction: float | None = None  # None/0: one labelled call per train recording; else that share
+    test_species_p: tuple[float, float, float] = (0.5, 0.3, 0.2)  # 1, 2, 3 species besides common_species
+    common_species: int | None = 3  # the species calling in most test recordings (real: 3, in about 90 %)
+    common_species_share: float = 0.75  # share of the test recordings where common_species calls
     fp_per_recording: tuple[int, int] = (1, 3)  # distractors in absent species' boxes (inclusive)
     chirp_clusters_mean: float = 3.0
     distractor_near_call_p: float = 0.5  # a distractor is placed within a few seconds of a call
     frequency_jitter: float = 0.03  # shift of the track, in box log-position
     rate_jitter: float = 0.07  # relative change of element and trill rates
 
-
+    def __post_init__(self) -> None:
+        lo, hi = self.train_species
+        if not 1 <= lo <= hi <= N_SPECIES:
+            raise ValueError(f"train_species must be a range within 1..{N_SPECIES}, got {self.train_species!r}")
+        if self.max_calls < max(hi, len(self.test_species_p) + 1):
+            raise ValueError(f"max_calls must allow one call of every species present, got {self.max_calls!r}")
+        if self.extra_calls_mean < 0:
+            raise ValueError(f"extra_calls_mean must be >= 0, got {self.extra_calls_mean!r}")
+        if self.labelled_fraction is not None and not 0.0 <= self.labelled_fraction <= 1.0:
+            raise ValueError(f"labelled_fraction must be within [0, 1] (0: one per recording), "
+                             f"got {self.labelled_fraction!r}")
+        if self.common_species is not None and not 0 <= self.common_species < N_SPECIES:
+            raise ValueError(f"common_species must be a species id or None, got {self.common_species!r}")
+        if not 0.0 <= self.common_species_share <= 1.0:
+            raise ValueError(f"common_species_share must be within [0, 1], got {self.common_species_share!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,8 +263,10 @@ def _unit_rms(x: np.ndarray) -> np.ndarray:
 
 def _taper(u: np.ndarray, frac: float) -> np.ndarray:
     """Tukey-like window over positions u in [0, 1]: raised-cosine ramps of width `frac` at each end."""
-    edge = np.minimum(u, 1.0 - u) / max(frac, 1e-6)
-    return (np.sin(0.5 * np.pi * np.clip(edge, 0.0, 1.0)) ** 2).astype(np.float32)
+    edge = np.minimum(u, 1.0 - u).astype(np.float32)
+    edge *= np.float32(1.0 / max(frac, 1e-6))
+    np.clip(edge, 0.0, 1.0, out=edge)
+    return np.sin(np.float32(0.5 * np.pi) * edge) ** 2  # float32 throughout: twice as fast as float64
 
 
 def _band_noise(rng: np.random.Generator, n: int, f_lo: float, f_hi: float) -> np.ndarray:
@@ -393,7 +438,8 @@ def _background(rng: np.random.Generator) -> np.ndarray:
 class _Job:
     split: str  # "train" or "test"
     recording_id: str
-    species: tuple[int, ...]
+    species: tuple[int, ...]  # every species calling in the recording
+    calls: tuple[tuple[int, bool], ...]  # (species_id, labelled) of each call, in placement order
     seed: np.random.SeedSequence
     path: Path
     difficulty: Difficulty
@@ -414,13 +460,13 @@ def _pick_box(rng: np.random.Generator, facts: SpeciesFacts) -> Box:
 class _Scene:
     """One recording being mixed: the background, the events added so far and where the calls are."""
 
-    GAP_S = 0.25  # silence kept between a labelled call and any other event in its band
+    GAP_S = 0.25  # silence kept between a call and any other event in its band
 
     def __init__(self, rng: np.random.Generator) -> None:
         self.rng = rng
         self.background = _background(rng)
         self.mix = self.background.copy()
-        self.calls: list[tuple[float, float, float, float]] = []  # (t0, t1, f_lo, f_hi) of labelled calls
+        self.calls: list[tuple[float, float, float, float]] = []  # (t0, t1, f_lo, f_hi) of the species' calls
 
     def _clashes(self, t0: float, t1: float, band: tuple[float, float] | None) -> bool:
         return any(
@@ -429,7 +475,7 @@ class _Scene:
         )
 
     def near_a_call(self, p: float) -> float | None:
-        """With probability p, the centre (s) of a random labelled call, else None."""
+        """With probability p, the centre (s) of a random call placed so far, else None."""
         if self.calls and self.rng.random() < p:
             c0, c1, _, _ = self.calls[int(self.rng.integers(len(self.calls)))]
             return 0.5 * (c0 + c1)
@@ -443,20 +489,21 @@ class _Scene:
         f_hi: float,
         snr_db: float,
         *,
-        labelled: bool,
+        call: bool,
         near: float | None = None,
         required: bool = False,
     ) -> tuple[int, int] | None:
         """Place an event of `dur` s and mix `make(n)` in at snr_db band power over the background in f_lo..f_hi.
 
-        A labelled call overlaps no other labelled call; a distractor overlaps no labelled call in its band.
-        Returns (start, n) in samples, or None when no free slot was found (never when `required`).
+        A species' call overlaps no other call; a distractor overlaps no call in its band. Returns (start, n)
+        in samples, or None when no free slot was found (never when `required`: then, after 60 tries, it may
+        overlap).
         """
         rng = self.rng
         for attempt in range(60):
             centre = near + rng.uniform(-6.0, 6.0) if near is not None else rng.uniform(0.0, DURATION_S)
             t0 = min(max(centre - dur / 2, 0.2), DURATION_S - 0.2 - dur)
-            if not self._clashes(t0, t0 + dur, None if labelled else (f_lo, f_hi)) or (required and attempt == 59):
+            if not self._clashes(t0, t0 + dur, None if call else (f_lo, f_hi)) or (required and attempt == 59):
                 break
         else:
             return None
@@ -464,34 +511,36 @@ class _Scene:
         sig = make(n)
         ref = _band_power(self.background[start : start + n], f_lo, f_hi)
         self.mix[start : start + n] += sig * np.float32(math.sqrt(ref * 10 ** (snr_db / 10)))
-        if labelled:
+        if call:
             self.calls.append((t0, t0 + dur, f_lo, f_hi))
         return start, n
 
 
-def _make_recording(job: _Job) -> tuple[list[tuple], list[tuple]]:
-    """Synthesise one recording, write its FLAC and return its (tp rows, fp rows)."""
+def _make_recording(job: _Job) -> tuple[list[tuple], list[tuple], list[tuple]]:
+    """Synthesise one recording, write its FLAC and return its (labelled calls, fp rows, every call) as box rows."""
     d = job.difficulty
     rng = np.random.default_rng(job.seed)
     scene = _Scene(rng)
     tp: list[tuple] = []
     fp: list[tuple] = []
+    calls: list[tuple] = []
 
     def row(species_id: int, box: Box, placed: tuple[int, int]) -> tuple:
         start, n = placed
         return (job.recording_id, species_id, box.songtype_id, start / SAMPLE_RATE, box.f_min,
                 (start + n) / SAMPLE_RATE, box.f_max)
 
-    for species_id in job.species:  # the labelled calls: every species present calls at least once
+    for species_id, labelled in job.calls:  # every planned call is placed (labelled or not: the audio is the same)
         facts, pattern = SPECIES_FACTS[species_id], SPECIES_PATTERNS[species_id]
-        for call in range(2 if rng.random() < d.second_call_p else 1):
-            box = _pick_box(rng, facts)
-            placed = scene.add(
-                lambda n, box=box: _species_call(pattern, box, n, rng, d), _duration(rng, facts), box.f_min, box.f_max,
-                rng.uniform(*d.call_snr_db), labelled=True, required=call == 0,
-            )
-            if placed:
-                tp.append(row(species_id, box, placed))
+        box = _pick_box(rng, facts)
+        placed = scene.add(
+            lambda n, box=box: _species_call(pattern, box, n, rng, d), _duration(rng, facts), box.f_min, box.f_max,
+            rng.uniform(*d.call_snr_db), call=True, required=True,
+        )
+        assert placed is not None  # required
+        calls.append(row(species_id, box, placed))
+        if labelled:
+            tp.append(calls[-1])
 
     absent = np.setdiff1d(np.arange(N_SPECIES), job.species)
     n_fp = int(rng.integers(d.fp_per_recording[0], d.fp_per_recording[1] + 1))
@@ -500,7 +549,7 @@ def _make_recording(job: _Job) -> tuple[list[tuple], list[tuple]]:
         box = _pick_box(rng, facts)
         placed = scene.add(
             lambda n, box=box: _distractor(rng, box, n), _duration(rng, facts), box.f_min, box.f_max,
-            rng.uniform(*d.distractor_snr_db), labelled=False, near=scene.near_a_call(d.distractor_near_call_p),
+            rng.uniform(*d.distractor_snr_db), call=False, near=scene.near_a_call(d.distractor_near_call_p),
         )
         if placed:
             fp.append(row(species_id, box, placed))
@@ -510,14 +559,14 @@ def _make_recording(job: _Job) -> tuple[list[tuple], list[tuple]]:
         f_lo, f_hi = f_c / rng.uniform(1.2, 2.0), min(f_c * rng.uniform(1.2, 2.0), 15000.0)
         scene.add(
             lambda n, f_lo=f_lo, f_hi=f_hi: _unit_rms(_chirp_cluster(rng, n, f_lo, f_hi)), rng.uniform(0.3, 1.5),
-            f_lo, f_hi, rng.uniform(*d.distractor_snr_db), labelled=False,
+            f_lo, f_hi, rng.uniform(*d.distractor_snr_db), call=False,
             near=scene.near_a_call(d.distractor_near_call_p),
         )
 
     mix = scene.mix
     pcm = np.round(mix * np.float32(PEAK * 32767 / float(np.max(np.abs(mix))))).astype(np.int16)
     sf.write(job.path, pcm, SAMPLE_RATE, subtype="PCM_16", format="FLAC")
-    return tp, fp
+    return tp, fp, calls
 
 
 # --------------------------------------------------------------------------------------------
@@ -537,35 +586,77 @@ def _recording_ids(rng: np.random.Generator, count: int) -> list[str]:
     return ids
 
 
-def _balanced(rng: np.random.Generator, count: int) -> np.ndarray:
-    """`count` species ids, each appearing count // 24 or one more times, in random order."""
-    rounds = np.concatenate([rng.permutation(N_SPECIES) for _ in range(-(-count // N_SPECIES))])
+def _balanced(rng: np.random.Generator, count: int, pool: Sequence[int] | None = None) -> np.ndarray:
+    """`count` species ids of `pool` (default: all), each appearing count // len(pool) or one more times, in
+    random order."""
+    pool = np.arange(N_SPECIES) if pool is None else np.asarray(pool)
+    rounds = np.concatenate([rng.permutation(pool) for _ in range(-(-count // pool.size))])
     return rounds[:count]
 
 
-def _with_extra(rng: np.random.Generator, primary: int, total: int) -> tuple[int, ...]:
-    others = rng.choice(np.setdiff1d(np.arange(N_SPECIES), [primary]), size=total - 1, replace=False)
-    return tuple(sorted([primary, *map(int, others)]))
+def _with_extra(
+    rng: np.random.Generator, primary: int, total: int, pool: Sequence[int] | None = None
+) -> tuple[int, ...]:
+    """`primary` first, then total - 1 other species of `pool` (default: all), drawn at random."""
+    pool = np.arange(N_SPECIES) if pool is None else np.asarray(pool)
+    others = rng.choice(np.setdiff1d(pool, [primary]), size=total - 1, replace=False)
+    return (primary, *map(int, others))
 
 
-def plan(
-    recordings: int, test_recordings: int, seed: int, difficulty: Difficulty = Difficulty()
-) -> list[tuple[str, str, tuple[int, ...]]]:
-    """(split, recording_id, species) for every recording, train first; cheap and deterministic."""
+class Planned(NamedTuple):
+    """One recording of the plan."""
+
+    split: str  # "train" or "test"
+    recording_id: str
+    species: tuple[int, ...]  # every species calling in it, sorted
+    calls: tuple[tuple[int, bool], ...]  # (species_id, labelled) of each call, in placement order (not time)
+
+
+def _calls(rng: np.random.Generator, species: tuple[int, ...], d: Difficulty) -> list[int]:
+    """The species of each call: one call of every species (in the given order), then their extra calls."""
+    extra = [k for k in species for _ in range(int(rng.poisson(d.extra_calls_mean)))]
+    extra = [extra[i] for i in rng.permutation(len(extra))[: max(0, d.max_calls - len(species))]]
+    return [*species, *extra]
+
+
+def _labels(rng: np.random.Generator, n_calls: int, fraction: float | None) -> list[bool]:
+    """Which of n_calls train calls are labelled: the first always (its species is the balanced one); with a
+    fraction, as many more as make round(fraction x n_calls), chosen at random."""
+    total = max(1, round(fraction * n_calls)) if fraction else 1
+    more = {int(i) + 1 for i in rng.choice(n_calls - 1, size=total - 1, replace=False)}
+    return [i == 0 or i in more for i in range(n_calls)]
+
+
+def plan(recordings: int, test_recordings: int, seed: int, difficulty: Difficulty = Difficulty()) -> list[Planned]:
+    """Every recording's split, id, species and calls, train first; cheap and deterministic.
+
+    The labels come from a random stream of their own: `labelled_fraction` changes which calls are
+    labelled and nothing else.
+    """
     d = difficulty
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0,)))
+    label_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(3,)))
     ids = _recording_ids(rng, recordings + test_recordings)
-    out: list[tuple[str, str, tuple[int, ...]]] = []
-    train_primary = _balanced(rng, recordings)
-    n_multi = int(round(d.multi_species_train * recordings))
-    multi = set(rng.choice(recordings, size=n_multi, replace=False).tolist())
+    out: list[Planned] = []
+    labelled_species = _balanced(rng, recordings)  # the species of each train recording's (first) labelled call
     for i in range(recordings):
-        total = (3 if rng.random() < 0.1 else 2) if i in multi else 1  # real data: 25 with 2, 2 with 3
-        out.append(("train", ids[i], _with_extra(rng, int(train_primary[i]), total)))
-    test_primary = _balanced(rng, test_recordings)
+        total = int(rng.integers(d.train_species[0], d.train_species[1] + 1))
+        species = _with_extra(rng, int(labelled_species[i]), total)
+        calls = _calls(rng, species, d)
+        labels = _labels(label_rng, len(calls), d.labelled_fraction)
+        out.append(Planned("train", ids[i], tuple(sorted(species)), tuple(zip(calls, labels))))
+    common = d.common_species
+    pool = [k for k in range(N_SPECIES) if k != common]
+    with_common = set()
+    if common is not None:
+        size = round(d.common_species_share * test_recordings)
+        with_common = set(rng.choice(test_recordings, size=size, replace=False).tolist())
+    test_primary = _balanced(rng, test_recordings, pool)
     for j in range(test_recordings):
-        total = int(rng.choice(3, p=d.test_species_p)) + 1
-        out.append(("test", ids[recordings + j], _with_extra(rng, int(test_primary[j]), total)))
+        total = int(rng.choice(len(d.test_species_p), p=d.test_species_p)) + 1
+        species = _with_extra(rng, int(test_primary[j]), total, pool) + ((common,) if j in with_common else ())
+        calls = _calls(rng, species, d)
+        out.append(Planned("test", ids[recordings + j], tuple(sorted(species)), tuple((k, False) for k in calls)))
     return out
 
 
@@ -579,6 +670,12 @@ def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[str]])
 def _format_box(row: tuple) -> list[str]:
     rid, species, songtype, t_min, f_min, t_max, f_max = row
     return [rid, str(species), str(songtype), f"{t_min:.4f}", repr(float(f_min)), f"{t_max:.4f}", repr(float(f_max))]
+
+
+def _format_call(row: tuple) -> list[str]:
+    """A box row without its songtype_id: a row of test_calls.csv."""
+    rid, species, _, t_min, f_min, t_max, f_max = row
+    return [rid, str(species), f"{t_min:.4f}", repr(float(f_min)), f"{t_max:.4f}", repr(float(f_max))]
 
 
 def _prepare(out: Path) -> None:
@@ -610,6 +707,17 @@ def _write_marker(
     (out / MARKER).write_text(json.dumps(info, sort_keys=True, indent=2) + "\n")
 
 
+def _jobs(out: Path, recordings: int, test_recordings: int, seed: int, difficulty: Difficulty) -> list[_Job]:
+    """One job per recording of the plan, each with its own SeedSequence child, writing into out/<split>/."""
+    train_seeds = np.random.SeedSequence(seed, spawn_key=(1,)).spawn(recordings)
+    test_seeds = np.random.SeedSequence(seed, spawn_key=(2,)).spawn(test_recordings)
+    seeds = train_seeds + test_seeds
+    return [
+        _Job(p.split, p.recording_id, p.species, p.calls, child, out / p.split / f"{p.recording_id}.flac", difficulty)
+        for p, child in zip(plan(recordings, test_recordings, seed, difficulty), seeds, strict=True)
+    ]
+
+
 def build(
     out_dir: str | os.PathLike,
     recordings: int = 240,
@@ -625,7 +733,8 @@ def build(
     recordings: train recordings; test_recordings: test recordings (default recordings // 5, at
     least 1); seed: everything follows from it (same seed and sizes -> identical files);
     workers: processes (default: CPU count; at most one per 4 recordings; 1 = in this process);
-    progress(done, total) is called after each recording; difficulty: the generator's knobs.
+    progress(done, total) is called after each recording; difficulty: the generator's knobs (`Difficulty`;
+    e.g. Difficulty(labelled_fraction=1.0) labels every train call).
     Refuses (FileExistsError) a non-empty folder that is not a demo build; a previous demo build
     there is replaced.
     """
@@ -643,14 +752,7 @@ def build(
     for name in OUTPUT_DIRS:
         (out / name).mkdir()
 
-    layout = plan(recordings, test_recordings, seed, difficulty)
-    train_seeds = np.random.SeedSequence(seed, spawn_key=(1,)).spawn(recordings)
-    test_seeds = np.random.SeedSequence(seed, spawn_key=(2,)).spawn(test_recordings)
-    seeds = train_seeds + test_seeds
-    jobs = [
-        _Job(split, rid, species, seeds[i], out / split / f"{rid}.flac", difficulty)
-        for i, (split, rid, species) in enumerate(layout)
-    ]
+    jobs = _jobs(out, recordings, test_recordings, seed, difficulty)
     workers = min(workers or os.cpu_count() or 1, max(1, len(jobs) // 4))  # tiny sets: no process start-up
     with contextlib.ExitStack() as stack:
         if workers == 1:
@@ -666,13 +768,17 @@ def build(
             if progress:
                 progress(len(results), len(jobs))
 
-    def boxes(split: str, which: int) -> list[list[str]]:
+    def boxes(split: str, which: int) -> list[tuple]:  # which: 0 labelled calls, 1 fp rows, 2 every call
         rows = [r for job, result in zip(jobs, results) if job.split == split for r in result[which]]
-        return [_format_box(r) for r in sorted(rows, key=lambda r: (r[0], r[3], r[1]))]
+        return sorted(rows, key=lambda r: (r[0], r[3], r[1]))
 
-    _write_csv(out / "train_tp.csv", COLUMNS, boxes("train", 0))
-    _write_csv(out / "train_fp.csv", COLUMNS, boxes("train", 1))
-    present = {job.recording_id: {r[1] for r in result[0]} for job, result in zip(jobs, results) if job.split == "test"}
+    _write_csv(out / "train_tp.csv", COLUMNS, [_format_box(r) for r in boxes("train", 0)])
+    _write_csv(out / "train_fp.csv", COLUMNS, [_format_box(r) for r in boxes("train", 1)])
+    test_calls = boxes("test", 2)
+    _write_csv(out / "test_calls.csv", CALL_COLUMNS, [_format_call(r) for r in test_calls])
+    present: dict[str, set[int]] = {job.recording_id: set() for job in jobs if job.split == "test"}
+    for r in test_calls:
+        present[r[0]].add(r[1])
     test_ids = sorted(present)
     _write_csv(
         out / "test_labels.csv",
@@ -699,6 +805,16 @@ def _count(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number within [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be within [0, 1], got {text}")
+    return value
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = cli.Parser(prog="python -m rfcx_mlops.synth", description="Build the deterministic RFCX-format demo set.")
     parser.add_argument("out_dir", type=Path, help="output folder (new, empty, or a previous demo build)")
@@ -707,6 +823,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--test-recordings", type=_count, help="test recordings (default recordings // 5)")
     parser.add_argument("--seed", type=int, default=DEMO_SEED, help=f"random seed (default {DEMO_SEED})")
     parser.add_argument("--workers", type=_count, default=None, help="processes (default: CPU count)")
+    parser.add_argument("--labelled-fraction", type=_fraction, default=None, metavar="F",
+                        help="share of the train calls train_tp.csv labels, at least one per recording "
+                             "(default, or 0: one call per recording, like the real data; 1: every call)")
     return parser.parse_args(argv)
 
 
@@ -720,7 +839,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         out = build(
-            args.out_dir, args.recordings, args.test_recordings, args.seed, workers=args.workers, progress=report
+            args.out_dir, args.recordings, args.test_recordings, args.seed, workers=args.workers, progress=report,
+            difficulty=Difficulty(labelled_fraction=args.labelled_fraction),
         )
     except (FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -734,7 +854,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     n_test = len(list((out / "test").glob("*.flac")))
     print(
         f"wrote {out}: {n_train} train + {n_test} test recordings, {n_tp} train_tp rows, {n_fp} train_fp rows, "
-        f"test_labels.csv, sample_submission.csv (seed {args.seed}) in {elapsed:.1f} s"
+        f"test_labels.csv, test_calls.csv, sample_submission.csv (seed {args.seed}) in {elapsed:.1f} s"
     )
     return 0
 

@@ -143,15 +143,17 @@ class EpochLogger(keras.callbacks.Callback):
     epoch's weights live in it as long as it is the last epoch; when a worse epoch is about to
     replace it, they are written first to ``checkpoints/best.keras`` (weights only).  So no
     epoch's weights are stored twice, and ``best_weights`` always holds the best epoch's.
-    ``checkpointed`` is the model saved: the trained one, or the one a training wrapper trains.
+    ``checkpointed`` is the model saved: the trained one, or the one a training wrapper trains;
+    ``monitor`` the metric that says which epoch is best (an epoch without it never is).
     """
 
-    def __init__(self, n_train_samples: int, folder: Path, checkpointed: keras.Model, *,
-                 best_so_far: float = -np.inf, best_epoch: int = 0, best_weights: list[np.ndarray] | None = None):
+    def __init__(self, n_train_samples: int, folder: Path, checkpointed: keras.Model, monitor: str = "val_lwlrap",
+                 *, best_so_far: float = -np.inf, best_epoch: int = 0, best_weights: list[np.ndarray] | None = None):
         super().__init__()
         self.n_train_samples = n_train_samples
         self.folder = folder
         self.checkpointed = checkpointed
+        self.monitor = monitor
         self.best = best_so_far
         self.best_epoch = best_epoch
         self.best_weights = best_weights
@@ -167,12 +169,13 @@ class EpochLogger(keras.callbacks.Callback):
         logs = logs or {}
         now = time.perf_counter()
         step = epoch + 1
-        val = float(logs.get("val_lwlrap", np.nan))
+        val = float(logs.get(self.monitor, np.nan))
         metrics = {
             "train_loss": logs.get("loss"),
             "train_lwlrap": logs.get("lwlrap"),
             "val_loss": logs.get("val_loss"),
-            "val_lwlrap": val,
+            "val_lwlrap": logs.get("val_lwlrap", np.nan),
+            "val_recording_lwlrap": logs.get("val_recording_lwlrap"),
             "learning_rate": float(keras.ops.convert_to_numpy(self.checkpointed.optimizer.learning_rate)),
             "epoch_seconds": now - self._started,
             "samples_per_second": self.n_train_samples / max(self._trained - self._started, 1e-9),
@@ -243,15 +246,15 @@ def log_species_ap(ap: pd.Series, title: str, folds: pd.DataFrame | None = None)
     mlflow.log_figure(fig, "species_ap.png")
 
 
-def log_cv_summary(results: list) -> None:
-    """On a cross-validation run: mean and std of the folds' best val_lwlrap, per-species AP averaged over
+def log_cv_summary(results: list, monitor: str) -> None:
+    """On a cross-validation run: mean and std of the folds' best ``monitor``, per-species AP averaged over
     folds, and the out-of-fold predictions (each validation window scored by its fold's best model)."""
-    best = np.array([r.best_val_lwlrap for r in results])
+    best = np.array([r.best_value for r in results])
     oof = pd.concat([r.predictions for r in results], ignore_index=True)
     truth, scores = oof.filter(regex=r"^y\d+$").to_numpy(), oof.filter(regex=r"^s\d+$").to_numpy()
-    mlflow.log_metrics({"best_val_lwlrap": float(best.mean()), "best_val_lwlrap_std": float(best.std()),
+    mlflow.log_metrics({f"best_{monitor}": float(best.mean()), f"best_{monitor}_std": float(best.std()),
                         "oof_lwlrap": lwlrap(truth, scores),
-                        **{f"best_val_lwlrap_fold{r.fold}": r.best_val_lwlrap for r in results}})
+                        **{f"best_{monitor}_fold{r.fold}": r.best_value for r in results}})
     per_fold = pd.DataFrame({f"fold{r.fold}": r.species_ap for r in results})
     log_species_ap(per_fold.mean(axis=1), f"Per-species validation AP, mean over {len(results)} folds", per_fold)
     mlflow.log_text(oof.to_csv(index=False, float_format="%.6g"), "oof_predictions.csv")

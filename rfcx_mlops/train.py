@@ -13,7 +13,7 @@ import sys
 import numpy as np
 
 from rfcx_mlops import cli
-from rfcx_mlops.config import ConfigError, UserError, check_fold, load, parse_sets
+from rfcx_mlops.config import ConfigError, UserError, check_files, check_fold, load, parse_sets
 
 # MLproject parameter -> config key; an empty value keeps the preset's setting.
 OVERRIDES = {
@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError("resume continues one fold's run: pass its run id with --fold N, not all")
         else:
             cfg = load(args.config, overrides, sources)
+            check_files(cfg)
             if fold is not None:
                 try:
                     check_fold(cfg, fold)
@@ -104,14 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: the run is marked KILLED; its checkpoints so far are kept", file=sys.stderr)
         return 130
+    monitor = cfg.train.monitor
     if fold is None:
         for r in results:
-            print(f"fold {r.fold} (run {r.run_id}): best val_lwlrap {r.best_val_lwlrap:.4f} at epoch {r.best_epoch}")
-        best = [r.best_val_lwlrap for r in results]
-        print(f"cross-validation run {run_id}: best val_lwlrap {np.mean(best):.4f} +- {np.std(best):.4f} "
+            print(f"fold {r.fold} (run {r.run_id}): best {monitor} {r.best_value:.4f} at epoch {r.best_epoch}")
+        best = [r.best_value for r in results]
+        print(f"cross-validation run {run_id}: best {monitor} {np.mean(best):.4f} +- {np.std(best):.4f} "
               f"over {len(results)} folds")
     else:
-        print(f"run {result.run_id}: fold {result.fold} best val_lwlrap {result.best_val_lwlrap:.4f} "
+        print(f"run {result.run_id}: fold {result.fold} best {monitor} {result.best_value:.4f} "
               f"at epoch {result.best_epoch}")
     return 0
 

@@ -62,17 +62,20 @@ class RequeueStale:
 
 
 class _Reporter(keras.callbacks.Callback):
-    """Feeds each epoch's val_lwlrap to the pruner; ends the fit, not the run, when the pruner says so."""
+    """Feeds each epoch's ``monitor`` to the pruner; ends the fit, not the run, when the pruner says so."""
 
-    def __init__(self, trial: optuna.Trial, first_step: int):
+    def __init__(self, trial: optuna.Trial, first_step: int, monitor: str):
         super().__init__()
         self.trial = trial
         self.first_step = first_step
+        self.monitor = monitor
         self.pruned_at: int | None = None
 
     def on_epoch_end(self, epoch, logs=None):
         step = self.first_step + epoch + 1
-        self.trial.report(float((logs or {}).get("val_lwlrap", np.nan)), step)
+        if self.monitor not in (logs or {}):  # an epoch whose recordings were not scored
+            return
+        self.trial.report(float(logs[self.monitor]), step)
         if self.trial.should_prune():
             self.pruned_at = step
             self.model.stop_training = True
@@ -107,7 +110,7 @@ def state_tag(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
 
 
 class Objective:
-    """One trial: draw values, train each fold in nested MLflow runs, return the mean best val_lwlrap."""
+    """One trial: draw values, train each fold in nested MLflow runs, return the mean best ``train.monitor``."""
 
     def __init__(self, cfg: Config, data: Dataset, folds: list[int], space: SearchSpace, parent_run_id: str,
                  study_name: str, keep_models: bool):
@@ -135,14 +138,14 @@ class Objective:
             raise
         self.current = None  # only a Ctrl-C leaves it set: that trial is queued again
         if pruned:
-            raise optuna.TrialPruned(f"val_lwlrap below the median of earlier trials at epoch {pruned}")
+            raise optuna.TrialPruned(f"{self.cfg.train.monitor} below the median of earlier trials at epoch {pruned}")
         return value
 
     def _fold(self, trial, cfg, fold, index, parent, tags) -> tuple[float, int | None]:
-        reporter = _Reporter(trial, index * cfg.train.epochs)
+        reporter = _Reporter(trial, index * cfg.train.epochs, cfg.train.monitor)
         result = fit.train_fold(cfg, fold, data=self.data, parent_run_id=parent, callbacks=(reporter,), tags=tags,
                                   log_model=self.keep_models)
-        return result.best_val_lwlrap, reporter.pruned_at
+        return result.best_value, reporter.pruned_at
 
     def _folds(self, trial, cfg, tags) -> tuple[float, int | None]:
         """Several folds: a trial run with the mean, the folds' runs nested in it."""
@@ -154,10 +157,11 @@ class Objective:
             for index, fold in enumerate(self.folds):
                 value, pruned = self._fold(trial, cfg, fold, index, run.info.run_id, tags)
                 scores.append(value)
-                mlflow.log_metric(f"best_val_lwlrap_fold{fold}", value)
+                mlflow.log_metric(f"best_{cfg.train.monitor}_fold{fold}", value)
                 if pruned:
                     return float(np.mean(scores)), pruned
-            mlflow.log_metrics({"best_val_lwlrap": float(np.mean(scores)), "std_val_lwlrap": float(np.std(scores))})
+            mlflow.log_metrics({f"best_{cfg.train.monitor}": float(np.mean(scores)),
+                                f"std_{cfg.train.monitor}": float(np.std(scores))})
         return float(np.mean(scores)), None
 
 

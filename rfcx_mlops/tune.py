@@ -2,7 +2,7 @@
 
 Each trial is ``fit.train_fold`` on the chosen folds with values drawn from the
 search space (``experiments/search.yaml``); its value is the mean best-epoch
-val_lwlrap.  The study lives in an Optuna RDB storage (SQLite for one worker,
+value of the config's ``train.monitor`` (val_lwlrap by default).  The study lives in an Optuna RDB storage (SQLite for one worker,
 PostgreSQL for many), so the same command continues it and any number of workers
 can share it.  Every invocation is one MLflow parent run with a nested run per trial.
 """
@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 from rfcx_mlops import cli
 from rfcx_mlops import study as studies
-from rfcx_mlops.config import ConfigError, UserError, flatten, load, parse_sets, with_overrides
+from rfcx_mlops.config import ConfigError, UserError, check_files, flatten, load, parse_sets, with_overrides
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 DEFAULT_SEARCH = "experiments/search.yaml"
@@ -93,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         overrides["data.data_dir"] = args.data_dir
         sources["data.data_dir"] = f"--data-dir {args.data_dir}"
     cfg = load(args.config, overrides, sources)
+    check_files(cfg)
     space = studies.load_space(args.search)
     folds = parse_folds(args.folds, cfg.folds.n_splits)
     for r in space.ranges:  # every corner of the space must make a valid config
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         pruner=optuna.pruners.MedianPruner(n_startup_trials=space.pruner_startup_trials,
                                            n_warmup_steps=space.pruner_warmup_epochs))
     best, failed_with = trials.optimize(study, cfg, data, folds, space, args)
-    _summary(study, best, args, overrides, cfg.folds.n_splits)
+    _summary(study, best, args, overrides, cfg.folds.n_splits, cfg.train.monitor)
     if failed_with:
         print(f"error: the last {trials.MAX_FAILURES_IN_A_ROW} trials of this worker failed; the last with: "
               f"{failed_with}", file=sys.stderr)
@@ -120,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _summary(study: optuna.Study, best: dict[str, Any] | None, args, overrides, n_splits: int) -> None:
+def _summary(study: optuna.Study, best: dict[str, Any] | None, args, overrides, n_splits: int,
+             monitor: str) -> None:
     states = {s: sum(t.state == s for t in study.trials) for s in TrialState}
     print(f"\nstudy {study.study_name} ({studies.redact(args.storage)}): "
           + ", ".join(f"{n} {s.name.lower()}" for s, n in states.items() if n))
@@ -128,7 +130,7 @@ def _summary(study: optuna.Study, best: dict[str, Any] | None, args, overrides, 
         print("no trial has completed yet")
         return
     preset = next((t for t in study.trials if t.user_attrs.get("preset") and t.state == TrialState.COMPLETE), None)
-    print(f"best val_lwlrap {best['value']:.4f} (trial {best['number']})"
+    print(f"best {monitor} {best['value']:.4f} (trial {best['number']})"
           + (f"; the preset's own values (trial {preset.number}): {preset.value:.4f}" if preset else ""))
     for key, value in best["params"].items():
         print(f"  {key} = {value:.6g}")

@@ -296,6 +296,29 @@ def test_a_pipeline_with_spectral_stages_refuses_to_drop_their_draw():
     assert not small_pipeline(domain="waveform").spectral
 
 
+@pytest.mark.parametrize("mask, field", [(A.TimeMask, "time_masks"), (A.FrequencyMask, "freq_masks")])
+def test_spec_augment_masks_are_drawn_within_their_bounds(mask, field):
+    y = tone(440.0, seconds=0.1)
+    for seed in range(50):
+        out, params, spectral = mask(n_masks=3, max_width=0.2).draw(y, np.random.default_rng(seed))
+        bands = params[mask.name]
+        assert out is y and getattr(spectral, field) == bands and len(bands) == 3
+        assert all(0 <= w <= 0.2 and 0 <= s and s + w <= 1.0001 for s, w in bands)
+    keep_mels, keep_frames = A.SpectralDraw(time_masks=((0.5, 0.25),), freq_masks=((0.0, 0.5),)).kept(4, 8)
+    np.testing.assert_array_equal(keep_frames, [1, 1, 1, 1, 0, 0, 1, 1])
+    np.testing.assert_array_equal(keep_mels, [0, 0, 1, 1])
+
+
+def test_masks_in_the_config_leave_the_other_draws_alone():
+    y = tone(440.0, seconds=0.5)
+    plain = small_pipeline().draw(y, np.random.default_rng(4))
+    masked = small_pipeline(time_mask_p=1.0, freq_mask_p=1.0).draw(y, np.random.default_rng(4))
+    np.testing.assert_array_equal(plain.y, masked.y)
+    assert {k: v for k, v in masked.params.items() if not k.endswith("_masks")} == plain.params
+    assert masked.spectral.time_masks and masked.spectral.freq_masks
+    assert (masked.spectral.semitones, masked.spectral.volume) == (plain.spectral.semitones, plain.spectral.volume)
+
+
 # -- construction ------------------------------------------------------------------------------
 
 
@@ -320,6 +343,8 @@ def test_a_pipeline_with_spectral_stages_refuses_to_drop_their_draw():
         (lambda: A.OneOf([]), "transforms"),
         (lambda: A.OneOf([A.VolumeControl()], p=2), "p"),
         (lambda: A.Compose([A.VolumeControl(), "pitch"]), "transforms"),
+        (lambda: A.TimeMask(n_masks=-1), "n_masks"),
+        (lambda: A.FrequencyMask(max_width=1.5), "max_width"),
     ],
 )
 def test_bad_arguments_raise(make, argument):

@@ -77,6 +77,22 @@ def test_overrides_and_round_trip(tmp_path):
         ({"augment.noise_p": 1.5}, "augment.noise_p must be within [0, 1]"),
         ({"features.n_mels": 16}, "features.n_mels must be >= 32 (ResNet50 downsamples by 32)"),
         ({"train.warmup_epochs": 2}, "train.warmup_epochs needs train.lr_schedule: cosine"),
+        ({"model.loss": "focal"}, "model.loss must be one of crossentropy, masked"),
+        ({"model.loss": "masked"}, "model.loss: masked needs model.activation: sigmoid"),
+        ({"train.fp_windows": 0.5}, "train.fp_windows needs model.activation: sigmoid"),
+        ({"train.fp_windows": -1.0, "model.activation": "sigmoid"}, "train.fp_windows must be >= 0"),
+        ({"model.unknown_weight": 0.1, "model.activation": "sigmoid"}, "model.unknown_weight needs model.loss: masked"),
+        ({"model.unknown_weight": 2.0, "model.activation": "sigmoid", "model.loss": "masked"},
+         "model.unknown_weight must be within [0, 1]"),
+        ({"model.weights": "resnet.pt"}, "model.weights must be none, imagenet or a .weights.h5 file"),
+        ({"train.monitor": "val_loss"}, "train.monitor must be one of val_lwlrap, val_recording_lwlrap"),
+        ({"train.monitor": "val_recording_lwlrap"}, "needs train.recording_eval_every >= 1"),
+        ({"train.recording_eval_every": -1}, "train.recording_eval_every must be >= 0"),
+        ({"augment.mixup_p": 1.5}, "augment.mixup_p must be within [0, 1]"),
+        ({"augment.mixup_alpha": 0.0}, "augment.mixup_alpha must be > 0"),
+        ({"augment.mixup_p": 0.5, "features.backend": "tensorflow"}, "augment.mixup_p needs features.backend: numpy"),
+        ({"augment.max_time_mask": 1.5}, "augment.max_time_mask must be within [0, 1]"),
+        ({"augment.freq_masks": -1}, "augment.freq_masks must be >= 0"),
     ],
 )
 def test_bad_values_name_the_key(overrides, message):
@@ -120,3 +136,11 @@ def test_warm_up_then_cosine_schedule_values():
     values = {step: float(schedule(step)) for step in (0, 5, 10, 30, 50)}
     assert values == pytest.approx({0: 0.0, 5: 0.001, 10: 0.002, 30: 0.001, 50: 0.0}, abs=1e-7)
     assert learning_rate(config.load(None, {}), 5) == 0.001  # constant: the number itself
+
+
+def test_a_weights_file_must_exist_where_training_runs(tmp_path):
+    cfg = config.load(None, {"model.weights": str(tmp_path / "missing.weights.h5")})  # predicting elsewhere needs none
+    with pytest.raises(ConfigError, match=r"model.weights: .*missing.weights.h5 is not a file"):
+        config.check_files(cfg)
+    (tmp_path / "missing.weights.h5").write_bytes(b"")
+    config.check_files(cfg)

@@ -167,11 +167,15 @@ def test_tensorflow_ops_give_the_numpy_images(overrides):
     theirs = TFMelFeatures(cfg.features, SR, max_semitones=5)
     rng = np.random.default_rng(5)
     audio = np.stack([tone(f, seconds=3.0) + rng.normal(0, 0.02, 3 * SR).astype(np.float32) for f in (700.0, 5000.0)])
-    draws = [SpectralDraw(-4, (("sine", 7.5),)), SpectralDraw(5, (("sine", -3.0), ("fade", 2.0)))]
+    draws = [SpectralDraw(-4, (("sine", 7.5),), time_masks=((0.2, 0.1),), freq_masks=((0.5, 0.05), (0.1, 0.1))),
+             SpectralDraw(5, (("sine", -3.0), ("fade", 2.0)))]
     expected = np.stack([ours(y, draw) for y, draw in zip(audio, draws)])
     semitones = np.array([d.semitones for d in draws])
     gains = np.stack([d.frame_gain_db(audio.shape[1], cfg.features.hop_length) for d in draws]).astype(np.float32)
-    np.testing.assert_allclose(theirs(audio, semitones, gains).numpy(), expected, atol=2e-3)
+    kept = [d.kept(cfg.features.n_mels, cfg.features.frames) for d in draws]
+    made = theirs(audio, semitones, gains, np.stack([m for m, _ in kept]), np.stack([f for _, f in kept])).numpy()
+    np.testing.assert_allclose(made, expected, atol=2e-3)
+    assert (expected[0][:, round(0.2 * cfg.features.frames)] == 0).all()  # a masked frame, in both
     np.testing.assert_allclose(theirs(audio).numpy(), np.stack([ours(y) for y in audio]), atol=2e-3)
 
 

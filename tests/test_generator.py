@@ -5,12 +5,14 @@ from __future__ import annotations
 import collections
 
 import numpy as np
+import pandas as pd
 import pytest
 from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter  # what fit() iterates with
 
 from conftest import make_data_dir
 from rfcx_mlops import config, dataset
-from rfcx_mlops.generator import SpectrogramBatches, make_samples, window_start
+from rfcx_mlops.generator import SpectrogramBatches, make_samples, mixup, targets, window_start
+from rfcx_mlops.metrics import UNKNOWN
 
 TINY = {"features.n_mels": 32, "features.frames": 64, "features.n_fft": 512, "features.hop_length": 256,
         "data.crop_seconds": 2.0, "train.batch_size": 4, "augment.max_shift_seconds": 0.5}
@@ -172,3 +174,82 @@ def test_waveform_batches_make_the_image_batches_in_the_model(data, training):
         assert isinstance(inputs, np.ndarray) and inputs.shape == (4, cfg.data.window_samples)
     np.testing.assert_allclose(np.asarray(made), images[1][0], atol=2e-3)
     np.testing.assert_array_equal(labels, images[1][1])
+
+
+# -- weak labels: what is known in a window, windows on train_fp rows, mixup, SpecAugment ---------------------
+
+
+def test_absences_are_known_and_can_centre_windows(data):
+    # rec0's window (0.5-2.5 s) overlaps species 3's absence; rec1's window does not overlap species 4's
+    fp = pd.DataFrame([("rec0", 3, 1, 2.0, 500.0, 2.4, 4000.0, 2), ("rec1", 4, 1, 6.0, 500.0, 7.0, 4000.0, 3)],
+                      columns=data.tp.columns).astype(data.tp.dtypes.to_dict())
+    samples = make_samples(data.tp, data.recordings, 2.0, 24, absences=fp, centred_on_absences=fp.iloc[1:])
+    assert len(samples) == len(data.tp) + 1
+    assert set(np.flatnonzero(samples.known[0])) == {0, 3, 9} and list(np.flatnonzero(samples.labels[0])) == [0, 9]
+    assert set(np.flatnonzero(samples.known[1])) == {1}  # rec1's absence is outside its call's window
+    extra = len(data.tp)  # the window on rec1's absence, 5.5-7.5 s: no call, species 4 known absent
+    assert samples.recording_ids[extra] == "rec1" and samples.starts[extra] == 5.5
+    assert not samples.labels[extra].any() and list(np.flatnonzero(samples.known[extra])) == [4]
+    masked = targets(samples.labels, samples.known, masked=True)
+    assert masked[extra, 4] == 0 and masked[extra, 5] == UNKNOWN and masked[0, 0] == 1
+    np.testing.assert_array_equal(targets(samples.labels, samples.known, masked=False), samples.labels)
+
+
+def test_masked_batches_carry_unknown_targets(data):
+    masked = batches(data, True, **{"model.activation": "sigmoid", "model.loss": "masked"})
+    _, y = masked[0]
+    labelled = masked.samples.labels[masked.order[:4]]
+    np.testing.assert_array_equal(y, np.where(labelled > 0, 1.0, UNKNOWN))  # no absences given: the rest unknown
+
+
+def test_mixup_mixes_images_and_takes_the_union_of_what_calls():
+    cfg = config.load(None, {**TINY, "model.activation": "sigmoid", "augment.mixup_p": 1.0})
+    images = np.stack([np.full((32, 64, 1), v, np.float32) for v in (0.0, 1.0)])
+    labels = np.array([[1, 0, 0], [0, 1, 0]], np.float32)
+    known = np.array([[1, 1, 0], [1, 1, 1]], bool)
+    mixed, y, k = mixup(images, labels, known, cfg, np.random.default_rng(0))
+    w = 1.0 - mixed[0, 0, 0, 0]  # sample 0 (all 0) mixed with sample 1 (all 1) at weight w
+    assert 0 < w < 1 and np.allclose(mixed[0], 1 - w) and np.allclose(mixed[1], mixed[1, 0, 0, 0])
+    np.testing.assert_array_equal(y, [[1, 1, 0], [1, 1, 0]])
+    np.testing.assert_array_equal(k, [[1, 1, 0], [1, 1, 0]])  # class 2: unknown in sample 0, so unknown mixed
+    again = mixup(images, labels, known, cfg, np.random.default_rng(0))
+    np.testing.assert_array_equal(again[0], mixed)
+    never = config.load(None, {**TINY, "augment.mixup_p": 0.0, "model.activation": "sigmoid"})
+    assert mixup(images, labels, known, never, np.random.default_rng(0))[0] is images
+
+
+def test_mixup_with_a_softmax_mixes_the_targets_by_weight():
+    cfg = config.load(None, {**TINY, "augment.mixup_p": 1.0})
+    images = np.stack([np.zeros((32, 64, 1), np.float32), np.ones((32, 64, 1), np.float32)])
+    labels = np.eye(2, dtype=np.float32)
+    mixed, y, _ = mixup(images, labels, np.ones((2, 2), bool), cfg, np.random.default_rng(1))
+    w0 = 1.0 - mixed[0, 0, 0, 0]
+    np.testing.assert_allclose(y[0], [w0, 1 - w0], atol=1e-6)
+    np.testing.assert_allclose(y.sum(axis=1), 1.0, atol=1e-6)
+
+
+def test_training_batches_with_mixup_are_seeded(data):
+    a, b = (batches(data, True, **{"augment.mixup_p": 1.0}) for _ in range(2))
+    plain = batches(data, True)
+    np.testing.assert_array_equal(a[0][0], b[0][0])
+    assert not np.allclose(a[0][0], plain[0][0])
+    assert not np.array_equal(a[0][1], plain[0][1]) and ((0 <= a[0][1]) & (a[0][1] <= 1)).all()
+
+
+def test_spec_augment_masks_are_at_the_images_floor(data):
+    masked = batches(data, True, **{"augment.time_mask_p": 1.0, "augment.freq_mask_p": 1.0,
+                                    "augment.max_time_mask": 0.2, "augment.max_freq_mask": 0.2})
+    plain = batches(data, True)
+    image, params = masked.sample(2, epoch=0)
+    reference, plain_params = plain.sample(2, epoch=0)
+    assert {k: v for k, v in params.items() if not k.endswith("_masks")} == plain_params  # other draws unchanged
+    rows = np.zeros(32, bool)
+    for start, width in params["freq_masks"]:
+        rows[round(start * 32) : round((start + width) * 32)] = True
+    columns = np.zeros(64, bool)
+    for start, width in params["time_masks"]:
+        columns[round(start * 64) : round((start + width) * 64)] = True
+    assert rows.any() and columns.any()
+    hidden = rows[:, None] | columns[None, :]
+    assert (image[hidden] == 0).all()
+    np.testing.assert_array_equal(image[~hidden], reference[~hidden])

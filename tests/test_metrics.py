@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 from sklearn.metrics import label_ranking_average_precision_score
@@ -74,3 +75,28 @@ def test_sigmoid_outputs_train_with_binary_cross_entropy():
     assert model.loss == "binary_crossentropy" and model.get_layer("species").activation.__name__ == "sigmoid"
     scores = np.asarray(model(np.random.default_rng(0).random((2, 32, 32, 1), np.float32)))
     assert scores.shape == (2, 24) and not np.allclose(scores.sum(axis=1), 1.0)  # independent per species
+
+
+def test_masked_binary_cross_entropy_by_hand():
+    from rfcx_mlops.metrics import UNKNOWN, MaskedBinaryCrossentropy
+
+    y = np.array([[1.0, 0.0, UNKNOWN, UNKNOWN], [UNKNOWN, 1.0, 0.0, UNKNOWN]], np.float32)
+    p = np.array([[0.9, 0.2, 0.7, 0.1], [0.5, 0.6, 0.3, 0.8]], np.float32)
+    # row 1: -ln 0.9 - ln 0.8 over 4 classes; row 2: -ln 0.6 - ln 0.7; unknowns count with weight w as absent
+    known = np.array([-np.log(0.9) - np.log(0.8), -np.log(0.6) - np.log(0.7)])
+    unknown = np.array([-np.log(0.3) - np.log(0.9), -np.log(0.5) - np.log(0.2)])
+    for w in (0.0, 0.25):
+        expected = np.mean((known + w * unknown) / 4)
+        assert float(MaskedBinaryCrossentropy(w)(y, p)) == pytest.approx(expected, rel=1e-5)
+    plain = keras.losses.BinaryCrossentropy()(np.maximum(y, 0), p)
+    assert float(MaskedBinaryCrossentropy(1.0)(y, p)) == pytest.approx(float(plain), rel=1e-5)
+
+
+def test_unknown_targets_rank_as_absent_in_both_lwlraps():
+    from rfcx_mlops.metrics import UNKNOWN
+
+    y, s = random_multilabel(np.random.default_rng(3))
+    masked = np.where((y == 0) & (np.random.default_rng(4).random(y.shape) < 0.5), UNKNOWN, y)
+    metric = StreamingLWLRAP(y.shape[1])
+    metric.update_state(masked, s)
+    assert float(metric.result()) == pytest.approx(lwlrap(y, s), abs=1e-6) == lwlrap(masked, s)

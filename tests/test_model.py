@@ -7,6 +7,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pytest
 
 from rfcx_mlops import config
 from rfcx_mlops.model import Augmented, build, for_training
@@ -25,7 +26,9 @@ def test_the_training_wrapper_shares_weights_and_optimizer_and_resumes_from_the_
     n, frames = cfg.data.window_samples, 1 + cfg.data.window_samples // cfg.features.hop_length
     audio = rng.normal(0, 0.1, (8, n)).astype(np.float32)
     drawn = {"audio": audio, "semitones": rng.integers(-5, 6, 8).astype(np.int32),
-             "gain_db": rng.normal(0, 3, (8, frames)).astype(np.float32)}
+             "gain_db": rng.normal(0, 3, (8, frames)).astype(np.float32),
+             "mel_kept": np.ones((8, cfg.features.n_mels), np.float32),
+             "frames_kept": np.ones((8, cfg.features.frames), np.float32)}
     labels = np.eye(24, dtype=np.float32)[rng.integers(0, 24, 8)]
     before = model.predict(audio, verbose=0)
     wrapper.fit(drawn, labels, validation_data=(audio, labels), epochs=1, verbose=0)
@@ -42,3 +45,24 @@ def test_the_training_wrapper_shares_weights_and_optimizer_and_resumes_from_the_
 def test_without_augmentation_the_model_trains_itself():
     images = config.load(TINY, {"train.run_eagerly": False})
     assert for_training(model := build(images, 1), images) is model
+
+
+def test_pretrained_backbone_weights_from_a_file(tmp_path):
+    cfg = config.load(TINY)
+    keras.utils.set_random_seed(1)
+    backbone = keras.applications.ResNet50(include_top=False, weights=None,
+                                           input_shape=(cfg.features.n_mels, cfg.features.frames, 3))
+    backbone.save_weights(tmp_path / "backbone.weights.h5")
+    model = build(config.load(TINY, {"model.weights": str(tmp_path / "backbone.weights.h5")}), 1)
+    for name in ("conv1_conv", "conv5_block3_3_conv"):
+        for ours, theirs in zip(model.get_layer(name).get_weights(), backbone.get_layer(name).get_weights()):
+            np.testing.assert_array_equal(ours, theirs)
+    image = np.random.default_rng(0).random((1, cfg.features.n_mels, cfg.features.frames, 1), np.float32)
+    rgb = keras.Model(model.input, model.get_layer("mel_to_rgb").output)(image)
+    np.testing.assert_array_equal(np.asarray(rgb), np.repeat(image, 3, axis=-1))  # the mel image in each channel
+    dense = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    dense.save_weights(tmp_path / "other.weights.h5")
+    with pytest.raises(config.ConfigError, match="does not hold ResNet50 backbone weights"):
+        build(config.load(TINY, {"model.weights": str(tmp_path / "other.weights.h5")}), 1)
+    with pytest.raises(config.ConfigError, match="is not a file"):
+        build(config.load(TINY, {"model.weights": str(tmp_path / "missing.weights.h5")}), 1)

@@ -96,6 +96,12 @@ def test_cv_prediction_averages_the_folds_in_submission_order(cv_run, cv_trackin
         folds.append(pd.read_csv(f"{run.info.run_id}.csv").drop(columns="recording_id").to_numpy())
     np.testing.assert_allclose(submission.drop(columns="recording_id").to_numpy(), np.mean(folds, axis=0), atol=2e-6)
 
+    gate = ["--run-id", cv_run.parent.info.run_id, "--out", "gated.csv", "--min-lwlrap"]
+    assert run_predict(capsys, *gate, f"{expected - 0.001:.4f}")[0] == 0
+    code, _, err = run_predict(capsys, *gate, f"{expected + 0.001:.4f}")
+    assert code == 1 and err.strip().splitlines()[-1] == (f"error: test LWLRAP {expected:.4f} is below the gate --min-lwlrap "
+                                         f"{float(f'{expected + 0.001:.4f}'):g}")
+
 
 def test_a_folder_of_audio_with_an_unreadable_file(cv_run, cv_tracking, capsys, tmp_path):
     folder = tmp_path / "field"
@@ -138,6 +144,8 @@ def test_bad_input_is_one_line(cv_run, cv_tracking, capsys, tmp_path, tiny_data)
         (["--run-id", fold, "--data-dir", str(ten)], "sample_submission.csv: 10 species columns, but the model scores 24"),
         (["--run-id", fold, "--data-dir", str(unsafe)],
          "sample_submission.csv line 3: recording_id '../r1' is not a plain file name"),
+        (["--run-id", fold, "--data-dir", str(ten / "test"), "--min-lwlrap", "0.5"],
+         f"--min-lwlrap: {ten / 'test'} has no test_labels.csv"),
     ]
     for argv, message in cases:
         code, _, err = run_predict(capsys, *argv, "--out", "x.csv")

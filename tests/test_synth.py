@@ -1,4 +1,5 @@
-"""The demo data set: RFCX layout and schema, determinism, labels where the energy is, the CLI."""
+"""The demo data set: RFCX layout and schema, weak train labels and complete test truth, determinism, labels
+where the energy is, the CLI."""
 
 from __future__ import annotations
 
@@ -19,11 +20,20 @@ SEED = 5
 TRAIN, TEST = 7, 2
 COLUMNS = ["recording_id", "species_id", "songtype_id", "t_min", "f_min", "t_max", "f_max"]
 LABELS = ["recording_id"] + [f"s{k}" for k in range(24)]
+CALLS = ["recording_id", "species_id", "t_min", "f_min", "t_max", "f_max"]
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synth.build(tmp_path_factory.mktemp("synth") / "demo", recordings=TRAIN, test_recordings=TEST, seed=SEED)
+    # two worker processes here, one in test_same_seed_same_bytes_different_seed_different
+    folder = tmp_path_factory.mktemp("synth") / "demo"
+    return synth.build(folder, recordings=TRAIN, test_recordings=TEST, seed=SEED, workers=2)
+
+
+@pytest.fixture(scope="module")
+def layout() -> dict[str, synth.Planned]:
+    """The demo fixture's plan, by recording id."""
+    return {p.recording_id: p for p in synth.plan(TRAIN, TEST, SEED)}
 
 
 def _read(path: Path) -> pd.DataFrame:
@@ -58,6 +68,7 @@ def test_recordings_are_rfcx_flac(demo: Path) -> None:
     test = {p.stem for p in (demo / "test").glob("*.flac")}
     assert len(train) == TRAIN and len(test) == TEST and not train & test
     assert set(tp.recording_id) == train  # every train recording holds a labelled call
+    assert tp.recording_id.value_counts().max() == 1  # by default only one
     assert set(fp.recording_id) <= train
     for path in sorted((demo / "train").glob("*.flac")) + sorted((demo / "test").glob("*.flac")):
         info = sf.info(str(path))
@@ -67,11 +78,13 @@ def test_recordings_are_rfcx_flac(demo: Path) -> None:
         assert 0.8 * 32767 < np.abs(pcm.astype(np.int32)).max() < 0.95 * 32767  # peak-normalised, not clipped
 
 
-def test_fp_species_are_absent_from_the_recording(demo: Path) -> None:
+def test_fp_species_call_nowhere_in_the_recording(demo: Path, layout: dict[str, synth.Planned]) -> None:
     tp, fp = _read(demo / "train_tp.csv"), _read(demo / "train_fp.csv")
-    present = tp.groupby("recording_id").species_id.apply(set)
-    for row in fp.itertuples(index=False):
-        assert row.species_id not in present[row.recording_id]
+    assert len(fp) >= TRAIN  # at least one per recording (fp_per_recording)
+    for row in tp.itertuples(index=False):
+        assert row.species_id in layout[row.recording_id].species
+    for row in fp.itertuples(index=False):  # not only the labelled species: every species calling there
+        assert row.species_id not in layout[row.recording_id].species
 
 
 def test_test_labels_and_sample_submission(demo: Path) -> None:
@@ -81,21 +94,44 @@ def test_test_labels_and_sample_submission(demo: Path) -> None:
     assert list(sub.recording_id) == list(labels.recording_id) == sorted(labels.recording_id)
     values = labels[LABELS[1:]].to_numpy()
     assert set(np.unique(values)) <= {0, 1}
-    assert ((values.sum(axis=1) >= 1) & (values.sum(axis=1) <= 3)).all()
+    assert ((values.sum(axis=1) >= 1) & (values.sum(axis=1) <= 4)).all()  # 1-3 species, and maybe species 3
     assert (sub[LABELS[1:]].to_numpy() == 0.5).all()
 
 
-def test_energy_sits_in_the_labelled_box(demo: Path) -> None:
-    """Band power inside each TP box's time span beats the same band elsewhere in the recording."""
+def _gains(folder: Path, rows: pd.DataFrame) -> list[float]:
+    """Per call row: band power (dB) inside its time span over the median of the same band within 5 s of it (the
+    background's level drifts over the minute, and calls are placed at a level over the local background)."""
     gains = []
-    for row in _read(demo / "train_tp.csv").itertuples(index=False):
-        audio, sr = sf.read(str(demo / "train" / f"{row.recording_id}.flac"), dtype="float32")
+    for row in rows.itertuples(index=False):
+        audio, sr = sf.read(str(folder / f"{row.recording_id}.flac"), dtype="float32")
         freqs, times, spec = scipy.signal.stft(audio, sr, nperseg=2048, noverlap=1024)
         band = (np.abs(spec[(freqs >= row.f_min) & (freqs <= row.f_max)]) ** 2).mean(axis=0)
         inside = (times >= row.t_min) & (times <= row.t_max)
-        gains.append(10 * np.log10(band[inside].mean() / np.median(band[~inside])))
-    assert min(gains) > 0.0
-    assert np.median(gains) > 5.0
+        near = ~inside & (times >= row.t_min - 5.0) & (times <= row.t_max + 5.0)
+        gains.append(10 * np.log10(band[inside].mean() / np.median(band[near])))
+    return gains
+
+
+def test_energy_sits_in_the_labelled_box(demo: Path) -> None:
+    """Band power inside each TP box's and each test call's time span beats the same band elsewhere."""
+    for split, rows in (("train", "train_tp.csv"), ("test", "test_calls.csv")):
+        gains = _gains(demo / split, _read(demo / rows))
+        assert min(gains) > 0.0
+        assert np.median(gains) > 5.0
+
+
+def test_unlabelled_calls_are_in_the_audio(tmp_path: Path) -> None:
+    """A train recording holds more calls than train_tp.csv names, and each stands out of the background near it."""
+    for split in ("train", "test"):
+        (tmp_path / split).mkdir()
+    job = next(j for j in synth._jobs(tmp_path, 3, 1, SEED, synth.Difficulty()) if len(j.calls) >= 4)
+    tp, fp, calls = synth._make_recording(job)
+    assert len(tp) == 1 and tp[0] in calls and len(calls) == len(job.calls)
+    assert [c[1] for c in calls] == [k for k, _ in job.calls] and {c[1] for c in calls} == set(job.species)
+    unlabelled = pd.DataFrame([c for c in calls if c not in tp], columns=COLUMNS)
+    gains = _gains(tmp_path / "train", unlabelled)
+    assert min(gains) > 0.0 and np.median(gains) > 3.0
+    assert not {r[1] for r in fp} & set(job.species)
 
 
 def test_same_seed_same_bytes_different_seed_different(demo: Path, tmp_path: Path) -> None:
@@ -105,23 +141,92 @@ def test_same_seed_same_bytes_different_seed_different(demo: Path, tmp_path: Pat
     synth.build(again, recordings=TRAIN, test_recordings=TEST, seed=SEED + 1)
     other = _files(again)
     assert json.loads(other[synth.MARKER])["seed"] == SEED + 1
-    for name in ("train_tp.csv", "train_fp.csv", "test_labels.csv"):
+    assert json.loads(other[synth.MARKER])["version"] == synth.GENERATOR_VERSION == 2
+    for name in ("train_tp.csv", "train_fp.csv", "test_labels.csv", "test_calls.csv"):
         assert other[name] != _files(demo)[name]
     assert not set(_files(demo)) & {k for k in other if k.endswith(".flac")}  # new recording ids
 
 
-def test_plan_balances_species_and_is_independent_of_the_seed_for_patterns() -> None:
+def test_plan_balances_the_labelled_species_and_follows_the_seed() -> None:
     layout = synth.plan(96, 20, seed=1)
-    train = [species for split, _, species in layout if split == "train"]
-    test = [species for split, _, species in layout if split == "test"]
-    ids = [rid for _, rid, _ in layout]
-    assert len(set(ids)) == len(ids) == 116
-    assert sum(len(s) > 1 for s in train) == round(0.03 * 96)
-    counts = np.bincount([k for s in train for k in s], minlength=24)
-    assert counts.min() >= 4 and counts.max() <= 6
-    assert all(1 <= len(s) <= 3 and len(set(s)) == len(s) for s in test)
+    train = [p for p in layout if p.split == "train"]
+    test = [p for p in layout if p.split == "test"]
+    ids = [p.recording_id for p in layout]
+    assert len(set(ids)) == len(ids) == 116 and len(train) == 96
+    labelled = np.bincount([k for p in train for k, lab in p.calls if lab], minlength=24)
+    assert (labelled == 4).all()  # 96 labelled calls, 4 per species
+    assert all(1 <= len(p.species) <= 4 and len(set(p.species)) == len(p.species) for p in test)
+    assert all(not lab for p in test for _, lab in p.calls)
     assert synth.plan(96, 20, seed=1) == layout
     assert synth.plan(96, 20, seed=2) != layout
+
+
+def test_train_recordings_hold_2_to_4_species_and_one_labelled_call() -> None:
+    train = [p for p in synth.plan(96, 1, seed=3) if p.split == "train"]
+    for p in train:
+        assert 2 <= len(p.species) <= 4 and p.species == tuple(sorted(set(p.species)))
+        assert {k for k, _ in p.calls} == set(p.species)  # every species present calls
+        assert len(p.species) <= len(p.calls) <= 8
+        assert [lab for _, lab in p.calls].count(True) == 1
+    assert {len(p.species) for p in train} == {2, 3, 4}
+    n_calls = [len(p.calls) for p in train]
+    assert 3.5 < np.mean(n_calls) < 6 and max(n_calls) > 5
+    labelled_species = [next(k for k, lab in p.calls if lab) for p in train]
+    # the labelled species' further calls go unlabelled too
+    assert any(k == first for p, first in zip(train, labelled_species) for k, lab in p.calls if not lab)
+
+
+def test_labelled_fraction_labels_more_calls_and_changes_nothing_else() -> None:
+    base = synth.plan(48, 10, seed=4)
+    for fraction in (0.5, 1.0):
+        more = synth.plan(48, 10, seed=4, difficulty=synth.Difficulty(labelled_fraction=fraction))
+        for a, b in zip(base, more, strict=True):
+            assert (a.split, a.recording_id, a.species) == (b.split, b.recording_id, b.species)
+            assert [k for k, _ in a.calls] == [k for k, _ in b.calls]
+            if b.split == "train":
+                assert b.calls[0] == a.calls[0] == (a.calls[0][0], True)  # the balanced species stays labelled
+                expected = len(b.calls) if fraction == 1.0 else max(1, round(fraction * len(b.calls)))
+                assert sum(lab for _, lab in b.calls) == expected
+    assert synth.plan(48, 10, seed=4, difficulty=synth.Difficulty(labelled_fraction=0.0)) == base
+    with pytest.raises(ValueError, match="labelled_fraction"):
+        synth.Difficulty(labelled_fraction=1.5)
+
+
+def test_labelled_fraction_one_labels_every_call_of_the_same_audio(tmp_path: Path) -> None:
+    sizes = dict(recordings=2, test_recordings=1, seed=SEED, workers=1)
+    one = _files(synth.build(tmp_path / "one", **sizes))
+    every = _files(synth.build(tmp_path / "all", **sizes, difficulty=synth.Difficulty(labelled_fraction=1.0)))
+    assert {k: v for k, v in one.items() if k != "train_tp.csv" and k != synth.MARKER} == {
+        k: v for k, v in every.items() if k != "train_tp.csv" and k != synth.MARKER
+    }
+    planned = synth.plan(2, 1, SEED)
+    tp_one, tp_all = _read(tmp_path / "one" / "train_tp.csv"), _read(tmp_path / "all" / "train_tp.csv")
+    assert len(tp_one) == 2 and len(tp_all) == sum(len(p.calls) for p in planned if p.split == "train") > 2
+    assert set(map(tuple, tp_one.to_numpy().tolist())) < set(map(tuple, tp_all.to_numpy().tolist()))
+    assert json.loads(every[synth.MARKER])["difficulty"]["labelled_fraction"] == 1.0
+
+
+def test_test_labels_agree_with_test_calls(demo: Path, layout: dict[str, synth.Planned]) -> None:
+    calls, labels = _read(demo / "test_calls.csv"), _read(demo / "test_labels.csv")
+    assert list(calls.columns) == CALLS
+    rows = list(calls.itertuples(index=False))
+    assert rows == sorted(rows, key=lambda r: (r.recording_id, r.t_min, r.species_id))
+    assert ((calls.t_min >= 0) & (calls.t_min < calls.t_max) & (calls.t_max <= 60)).all()
+    for row in calls.itertuples(index=False):
+        assert (row.f_min, row.f_max) in {(b.f_min, b.f_max) for b in synth.SPECIES_FACTS[row.species_id].boxes}
+    from_calls = calls.groupby("recording_id").species_id.apply(set).to_dict()
+    from_labels = {r[0]: {k for k in range(24) if r[k + 1] == 1} for r in labels.itertuples(index=False)}
+    assert from_calls == from_labels == {rid: set(p.species) for rid, p in layout.items() if p.split == "test"}
+    assert len(calls) == sum(len(p.calls) for p in layout.values() if p.split == "test")
+
+
+def test_species_3_calls_in_most_test_recordings() -> None:
+    test = [p for p in synth.plan(24, 40, seed=6) if p.split == "test"]
+    share = np.mean([[k in p.species for k in range(24)] for p in test], axis=0)
+    assert share[3] == 0.75  # round(0.75 x 40) recordings
+    assert np.delete(share, 3).max() <= 0.25
+    flat = synth.plan(24, 40, seed=6, difficulty=synth.Difficulty(common_species=None))[24:]
+    assert np.mean([3 in p.species for p in flat]) < 0.3
 
 
 def test_species_tables_cover_24_species() -> None:
@@ -165,7 +270,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("args", [["--recordings", "0"], ["--recordings", "many"], ["--test-recordings", "-1"]])
+@pytest.mark.parametrize("args", [["--recordings", "0"], ["--recordings", "many"], ["--test-recordings", "-1"],
+                                  ["--labelled-fraction", "1.5"], ["--labelled-fraction", "half"]])
 def test_cli_bad_size_is_one_line(tmp_path: Path, args: list[str]) -> None:
     proc = _cli(str(tmp_path / "out"), *args)
     assert proc.returncode == 2
@@ -180,10 +286,12 @@ def test_cli_refuses_a_foreign_folder_and_builds(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert "not a demo build" in proc.stderr
-    proc = _cli(str(tmp_path / "new"), "--recordings", "1", "--seed", "3")
+    proc = _cli(str(tmp_path / "new"), "--recordings", "1", "--seed", "3", "--labelled-fraction", "1")
     assert proc.returncode == 0, proc.stderr
     assert "1 train + 1 test recordings" in proc.stdout
     assert len(list((tmp_path / "new" / "train").glob("*.flac"))) == 1
+    calls = len(synth.plan(1, 1, 3)[0].calls)
+    assert len(_read(tmp_path / "new" / "train_tp.csv")) == calls > 1 and f"{calls} train_tp rows" in proc.stdout
 
 
 def test_dataset_check_passes_the_demo_and_counts_it(demo: Path) -> None:

@@ -60,7 +60,8 @@ def test_a_training_run_keeps_library_noise_off_stderr(mlflow_run):
     noise = re.compile(r"^[IWEF]\d{4} |absl::InitializeLog|oneDNN|cuInit|cuda drivers|cpu_feature_guard|CloudPickle|"
                        r"Downloading artifacts|least populated class")
     assert [line for line in proc.stderr.splitlines() if noise.search(line)] == []
-    assert re.search(r"INFO rfcx_mlops.fit: fold 2: \d+ training and \d+ validation samples", proc.stderr)
+    assert re.search(r"INFO rfcx_mlops.fit: fold 2: \d+ training windows \(0 on train_fp rows\) and \d+ validation "
+                     r"windows", proc.stderr)
 
 
 def test_entry_point_params_reach_the_run(mlflow_run):
@@ -266,7 +267,7 @@ def test_crash_marks_the_run_failed_with_its_reason(tiny_data, tracking):
 def test_same_seed_same_result(tiny_data, tracking):
     cfg = tiny_cfg(tiny_data, **{"train.epochs": 1})
     a, b = train_fold(cfg, 1), train_fold(cfg, 1)
-    assert a.best_val_lwlrap == pytest.approx(b.best_val_lwlrap, abs=1e-3)
+    assert a.best_value == pytest.approx(b.best_value, abs=1e-3)
     client = MlflowClient()
     loss = [client.get_metric_history(r.run_id, "train_loss")[0].value for r in (a, b)]
     assert loss[0] == pytest.approx(loss[1], rel=1e-3)
@@ -291,7 +292,7 @@ def test_mixed_precision_on_a_distribution_strategy(tiny_data, tracking, tmp_pat
         result = train_fold(cfg, 1)
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
-    assert np.isfinite(result.best_val_lwlrap)
+    assert np.isfinite(result.best_value)
     model = logged_model(result.run_id, tmp_path)
     conv = next(layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D))
     assert conv.compute_dtype == "float16" and conv.variable_dtype == "float32"
@@ -310,10 +311,57 @@ def test_images_made_in_the_model(tiny_data, tracking, tmp_path, monkeypatch):
     assert last.input.name == "audio" and int(last.optimizer.iterations.numpy()) > 0  # resumable, audio only
     metrics = MlflowClient().get_run(result.run_id).data.metrics
     assert metrics["system/cpu_utilization_percentage"] >= 0 and metrics["system/system_memory_usage_megabytes"] > 0
-    assert np.isfinite(result.best_val_lwlrap)
+    assert np.isfinite(result.best_value)
     model = logged_model(result.run_id, tmp_path)
     assert model.input.name == "audio" and model.get_layer("mel").dtype == "float32"  # audio only: no augmentation
     scorer = Scorer([model], cfg)
     y = scorer.read(next((tiny_data / "train").glob("*.flac")))
     scores = scorer.scores(y)
     assert scores.shape == (24,) and np.all(np.isfinite(scores))
+
+
+def test_weak_label_recipe_picks_the_epoch_by_whole_recordings(tiny_data, tracking, tmp_path, caplog):
+    """Masked loss, windows on train_fp rows, mixup and SpecAugment train; val_recording_lwlrap is logged every
+    epoch, picks the best one, and is what the logged model scores on the validation recordings, whole."""
+    from rfcx_mlops import dataset, folds
+    from rfcx_mlops.metrics import lwlrap
+
+    cfg = tiny_cfg(tiny_data, **{
+        "model.activation": "sigmoid", "model.loss": "masked", "model.unknown_weight": 0.1, "train.fp_windows": 0.5,
+        "augment.mixup_p": 0.5, "augment.time_mask_p": 0.5, "augment.freq_mask_p": 0.5,
+        "train.recording_eval_every": 1, "train.recording_hop_seconds": 2.5, "train.monitor": "val_recording_lwlrap"})
+    with caplog.at_level("INFO", logger="rfcx_mlops.fit"):
+        result = train_fold(cfg, 1)
+    assert re.search(r"training windows \([1-9]\d* on train_fp rows\)", caplog.text)
+    client = MlflowClient()
+    run = client.get_run(result.run_id)
+    history = [m.value for m in sorted(client.get_metric_history(result.run_id, "val_recording_lwlrap"),
+                                       key=lambda m: m.step)]
+    assert len(history) == cfg.train.epochs
+    assert run.data.metrics["best_val_recording_lwlrap"] == pytest.approx(max(history)) == result.best_value
+    assert result.best_epoch == 1 + int(np.argmax(history)) and "best_val_lwlrap" not in run.data.metrics
+
+    data = dataset.prepare(cfg)
+    _, val = folds.by_fold(data.tp, folds.assign_folds(data.tp, cfg.folds.n_splits, cfg.seed), 1)
+    scorer = Scorer([logged_model(result.run_id, tmp_path)], cfg, hop_seconds=2.5)
+    ids = sorted(val["recording_id"].unique())
+    truth = np.zeros((len(ids), 24))
+    for row, rid in enumerate(ids):
+        truth[row, val.loc[val["recording_id"] == rid, "species_id"]] = 1
+    scores = np.stack([scorer.scores(scorer.read(data.recordings[rid].path)) for rid in ids])
+    assert lwlrap(truth, scores) == pytest.approx(result.best_value, abs=1e-4)
+
+
+def test_a_run_of_hours_on_a_cpu_says_so_in_one_line(caplog):
+    import tensorflow as tf
+
+    from rfcx_mlops import fit
+
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("a GPU is here: nothing to warn about")
+    with caplog.at_level("WARNING", logger="rfcx_mlops.fit"):
+        fit._warn_without_gpu(config.load(ROOT / "experiments" / "seed.yaml"), 810)  # the real fold's windows
+        fit._warn_without_gpu(config.load(ROOT / "experiments" / "quick.yaml"), 320)
+    assert len(caplog.records) == 1
+    assert re.fullmatch(r"no GPU here: seed takes about \d+ min an epoch on this CPU \(\d+ cores\), [\d.]+ h for 10 "
+                        r"epochs; experiments/quick.yaml is sized for a CPU", caplog.records[0].getMessage())
