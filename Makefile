@@ -17,8 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
-# The demo's test LWLRAP must reach this (README, "Learning from weak labels": what it reached and why the margin).
-DEMO_GATE ?= 0.80
+# The demo's test LWLRAP must reach this: the quick preset reached 0.8900 (README, "Quick start").
+DEMO_GATE ?= 0.85
 
 demo: install
 	mkdir -p data

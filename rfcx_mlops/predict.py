@@ -110,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
                  scorer.hop)
         submission, skipped = predict(scorer, ids, files)
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = out.with_name(f".{out.name}.partial")
     submission.to_csv(tmp_out, index=False, float_format="%.6g")
     tmp_out.replace(out)
