@@ -33,15 +33,27 @@ def add_verbose(parser: argparse.ArgumentParser) -> None:
                         help="show the libraries' own logs too (TensorFlow's C++ log, MLflow's progress bars)")
 
 
-def positive_seconds(text: str) -> float:
-    """An argparse type: a finite number of seconds > 0."""
+def _number(text: str, ok, expected: str) -> float:
+    """An argparse value: a finite number for which ``ok`` holds."""
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected seconds > 0; got {text!r}")
+    if not (math.isfinite(value) and ok(value)):
+        raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}")
     return value
+
+
+def positive_seconds(text: str) -> float:
+    return _number(text, lambda v: v > 0, "seconds > 0")
+
+
+def seconds(text: str) -> float:
+    return _number(text, lambda v: v >= 0, "seconds >= 0")
+
+
+def probability(text: str) -> float:
+    return _number(text, lambda v: 0 <= v <= 1, "a number within [0, 1]")
 
 
 def setup(verbose: bool) -> None:

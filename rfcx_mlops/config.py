@@ -102,6 +102,7 @@ class ModelConfig:
     loss: str = "crossentropy"
     unknown_weight: float = 0.0  # masked: the weight of the unknown entries, as absent (0: ignored)
     weights: str = "none"  # none | imagenet | a .weights.h5 file of the ResNet50 backbone (3-channel input)
+    head: str = "pooled"  # pooled: the seed's | attention: per-step scores pooled over time (finer detections)
 
 
 @dataclass(frozen=True)
@@ -120,9 +121,17 @@ class TrainConfig:
     keep_checkpoint: str = "until_finished"  # until_finished: a finished run keeps its model only | always: + last.keras
     system_metrics: bool = False  # MLflow system metrics (CPU, memory; GPU with nvidia-ml-py) every 10 s
     fp_windows: float = 0.0  # training windows centred on train_fp rows, as a share of those on train_tp rows
+    random_windows: float = 0.0  # training windows at random places of the training recordings, as the same share
     recording_eval_every: int = 0  # score the validation recordings whole every k epochs (val_recording_lwlrap); 0: never
     recording_hop_seconds: float = 0.0  # the sliding window's hop there; 0: half a crop, as predict
     monitor: str = "val_lwlrap"  # val_lwlrap | val_recording_lwlrap: picks the best epoch; what tuning optimises
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    threshold: float = 0.5  # a species is detected where its score over time reaches this ...
+    thresholds_file: str = ""  # ... or what this CSV (species_id,threshold) says for the species it lists
+    min_gap_seconds: float = 1.0  # detections of a species closer than this are one
 
 
 @dataclass(frozen=True)
@@ -135,6 +144,7 @@ class Config:
     folds: FoldConfig = field(default_factory=FoldConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -147,6 +157,7 @@ _CHOICES = {
     "features.backend": ("numpy", "tensorflow"),
     "model.activation": ("softmax", "sigmoid"),
     "model.loss": ("crossentropy", "masked"),
+    "model.head": ("pooled", "attention"),
     "train.monitor": ("val_lwlrap", "val_recording_lwlrap"),
     "train.lr_schedule": ("constant", "cosine"),
     "train.keep_checkpoint": ("until_finished", "always"),
@@ -159,12 +170,13 @@ _POSITIVE = (
 _PROBABILITIES = (
     "augment.noise_p", "augment.pitch_p", "augment.time_shift_p", "augment.volume_p", "augment.time_mask_p",
     "augment.freq_mask_p", "augment.mixup_p", "augment.max_time_mask", "augment.max_freq_mask",
-    "model.unknown_weight",
+    "model.unknown_weight", "detect.threshold",
 )
 _NON_NEGATIVE = (
     "augment.max_semitones", "augment.max_shift_seconds", "augment.max_volume_db", "augment.time_masks",
     "augment.freq_masks", "train.warmup_epochs", "train.workers", "train.steps_per_epoch", "train.fp_windows",
-    "train.recording_eval_every", "train.recording_hop_seconds",
+    "train.random_windows", "train.recording_eval_every", "train.recording_hop_seconds",
+    "detect.min_gap_seconds",
 )
 
 
@@ -197,9 +209,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("features.backend: tensorflow needs augment.domain: spectrogram")
     if cfg.train.warmup_epochs and cfg.train.lr_schedule == "constant":
         raise ConfigError("train.warmup_epochs needs train.lr_schedule: cosine")
-    if cfg.model.activation == "softmax" and (cfg.model.loss == "masked" or cfg.train.fp_windows):
-        what = "model.loss: masked" if cfg.model.loss == "masked" else "train.fp_windows"
-        raise ConfigError(f"{what} needs model.activation: sigmoid (a softmax cannot say that no species calls)")
+    if cfg.model.activation == "softmax" and cfg.model.loss == "masked":
+        raise ConfigError("model.loss: masked needs model.activation: sigmoid (a softmax cannot leave a species unknown)")
+    if cfg.model.head == "attention" and cfg.model.activation != "sigmoid":
+        raise ConfigError("model.head: attention needs model.activation: sigmoid (its per-species pooling of the "
+                          "steps' scores would not sum to one)")
     if cfg.model.unknown_weight and cfg.model.loss != "masked":
         raise ConfigError("model.unknown_weight needs model.loss: masked")
     if not cfg.augment.mixup_alpha > 0:
@@ -223,6 +237,8 @@ def check_files(cfg: Config) -> None:
     """The files a config names exist on this machine (left out of ``load``: predicting needs none of them)."""
     if cfg.model.weights not in ("none", "imagenet") and not Path(cfg.model.weights).is_file():
         raise ConfigError(f"model.weights: {cfg.model.weights} is not a file")
+    if cfg.detect.thresholds_file and not Path(cfg.detect.thresholds_file).is_file():
+        raise ConfigError(f"detect.thresholds_file: {cfg.detect.thresholds_file} is not a file")
 
 
 def check_fold(cfg: Config, fold: int) -> None:

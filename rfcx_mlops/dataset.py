@@ -28,6 +28,7 @@ import pandas as pd
 from rfcx_mlops import cli
 from rfcx_mlops.audio import AUDIO_SUFFIXES, AudioError, AudioInfo, probe
 from rfcx_mlops.config import Config, ConfigError, UserError
+from rfcx_mlops.detect import RavenError, read_raven
 
 log = logging.getLogger("rfcx_mlops.dataset")
 
@@ -285,21 +286,145 @@ def summary(dataset: Dataset) -> str:
     return "\n".join(lines)
 
 
+SPECIES_MAP = "species.csv"  # species_id,name: what the ids of a data folder stand for
+
+
+def species_names(data_dir: Path) -> dict[int, str]:
+    """The names of DIR/species.csv (``import-raven`` writes it), or none."""
+    path = Path(data_dir) / SPECIES_MAP
+    if not path.is_file():
+        return {}
+    table = _read_species_map(path)
+    return dict(zip(table["species_id"], table["name"]))
+
+
+def _read_species_map(path: Path) -> pd.DataFrame:
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not a readable CSV ({str(exc).strip()})") from None
+    if not {"species_id", "name"} <= set(table.columns):
+        raise DataError(f"{path}: needs the columns species_id and name; it has {', '.join(table.columns)}")
+    ids = pd.to_numeric(table["species_id"], errors="coerce")
+    for line, (k, name) in enumerate(zip(ids, table["name"]), 2):
+        if not (k >= 0 and float(k).is_integer()) or not name.strip():
+            raise DataError(f"{path} line {line}: species_id must be an integer >= 0 and name not empty")
+    table = pd.DataFrame({"species_id": ids.astype(int), "name": table["name"].str.strip()})
+    for column in ("species_id", "name"):
+        twice = table[table[column].duplicated()]
+        if len(twice):
+            raise DataError(f"{path} line {twice.index[0] + 2}: {column} {twice[column].iloc[0]!r} appears twice")
+    return table
+
+
+def import_raven(tables: Path, audio_dir: Path, out: Path, *, species_map: Path | None = None,
+                 label_column: str = "Species", absent_label: str = "noise", copy: bool = False) -> pd.DataFrame:
+    """Raven selection tables (one per audio file, named ``<file stem>.<anything>.txt``) -> an RFCX data folder.
+
+    Boxes labelled with a species become train_tp.csv rows; boxes labelled ``absent_label`` hold
+    none of the species, so they become a train_fp.csv row for every species.  Species ids come
+    from ``species_map`` (species_id,name), else from the names in sorted order; either way OUT
+    gets species.csv.  The audio is linked into OUT/train (copied with ``copy``).  Returns the
+    species map.
+    """
+    files = sorted(tables.glob("*.txt")) if tables.is_dir() else []
+    if not files:
+        raise DataError(f"{tables}: no selection tables (*.txt)")
+    if out.exists() and any(out.iterdir()):
+        raise DataError(f"{out}: not empty; give a new folder")
+    boxes, audio_files = [], []
+    for path in files:
+        stem = path.name.split(".")[0]
+        check_recording_id(stem, str(path))
+        audio = find_audio(audio_dir, stem)
+        if audio is None:
+            raise DataError(f"{path}: no audio file {stem}.flac or {stem}.wav in {audio_dir}")
+        try:
+            rows = read_raven(path, label_column)
+            duration = probe(audio).duration
+        except (RavenError, AudioError) as exc:
+            raise DataError(str(exc)) from None
+        late = rows[rows["t_end"] > duration + _DURATION_TOLERANCE_S]
+        if len(late):
+            raise DataError(f"{path} line {late['line'].iloc[0]}: ends at {late['t_end'].iloc[0]:g} s, past the end "
+                            f"of {audio.name} ({duration:.2f} s)")
+        boxes.append(rows.assign(recording_id=stem, table=str(path)))
+        audio_files.append(audio)
+    boxes = pd.concat(boxes, ignore_index=True)
+    calls = boxes[boxes["label"] != absent_label]
+    if species_map is not None:
+        names = _read_species_map(species_map)
+        unknown = calls[~calls["label"].isin(set(names["name"]))]
+        if len(unknown):
+            first = unknown.iloc[0]
+            raise DataError(f"{first['table']} line {first['line']}: species {first['label']!r} is not in "
+                            f"{species_map}")
+    else:
+        names = pd.DataFrame({"name": sorted(set(calls["label"]))})
+        names.insert(0, "species_id", range(len(names)))
+    ids = dict(zip(names["name"], names["species_id"]))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train").mkdir()
+
+    def table(rows: pd.DataFrame, species: pd.Series) -> pd.DataFrame:
+        return pd.DataFrame({"recording_id": rows["recording_id"].to_numpy(), "species_id": species.to_numpy(),
+                             "songtype_id": 1, "t_min": rows["t_start"].to_numpy(), "f_min": rows["f_low"].to_numpy(),
+                             "t_max": rows["t_end"].to_numpy(), "f_max": rows["f_high"].to_numpy()})
+
+    noise = boxes[boxes["label"] == absent_label]
+    every = noise.loc[noise.index.repeat(len(names))]
+    table(calls, calls["label"].map(ids)).to_csv(out / TP_FILE, index=False)
+    table(every, pd.Series(np.tile(names["species_id"].to_numpy(), len(noise)))).to_csv(out / FP_FILE, index=False)
+    names.to_csv(out / SPECIES_MAP, index=False)
+    for audio in audio_files:
+        target = out / "train" / audio.name
+        if copy:
+            shutil.copy2(audio, target)
+        else:
+            target.symlink_to(audio.resolve())
+    return names
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = cli.Parser(prog="python -m rfcx_mlops.dataset", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=cli.Parser)
     check = sub.add_parser("check", help="validate a data folder and summarise it")
     check.add_argument("data_dir", help="the folder holding train_tp.csv, train_fp.csv, train/ and test/")
-    check.add_argument("--n-classes", type=int, default=24, help="species ids run from 0 to this - 1 (default 24)")
+    check.add_argument("--n-classes", type=int, default=None,
+                       help="species ids run from 0 to this - 1 (default: as DIR/species.csv says, else 24)")
     check.add_argument("--sample-rate", type=int, default=48000, help="the rate training resamples to")
     check.add_argument("--max-problems", type=int, default=50, help="lines of problems to print (0: all)")
+    raven = sub.add_parser("import-raven", help="Raven selection tables and their audio -> a data folder to train on")
+    raven.add_argument("tables", help="folder of Raven selection tables, one per audio file (<file stem>.*.txt)")
+    raven.add_argument("audio", help="folder of the audio files (.flac or .wav)")
+    raven.add_argument("out", help="new folder: train_tp.csv, train_fp.csv, species.csv and train/")
+    raven.add_argument("--species-map", default=None, metavar="FILE",
+                       help="CSV species_id,name giving each species its id (default: ids by sorted name)")
+    raven.add_argument("--label-column", default="Species", help="the column naming the species (default Species)")
+    raven.add_argument("--absent-label", default="noise",
+                       help="boxes with this label hold no species: train_fp.csv rows (default noise)")
+    raven.add_argument("--copy", action="store_true", help="copy the audio instead of linking it")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.command == "import-raven":
+        try:
+            names = import_raven(Path(args.tables), Path(args.audio), Path(args.out),
+                                 species_map=Path(args.species_map) if args.species_map else None,
+                                 label_column=args.label_column, absent_label=args.absent_label, copy=args.copy)
+        except DataError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        tp, fp = (pd.read_csv(Path(args.out) / name) for name in (TP_FILE, FP_FILE))
+        print(f"wrote {args.out}: {len(tp)} calls of {tp['species_id'].nunique()} species in "
+              f"{len(list((Path(args.out) / 'train').iterdir()))} recordings, {len(fp)} train_fp rows, "
+              f"{len(names)} species in {SPECIES_MAP}; next: python -m rfcx_mlops.dataset check {args.out}")
+        return 0
     try:
-        dataset, problems = scan(args.data_dir, args.n_classes, args.sample_rate, with_test=True, progress=True)
+        n_classes = args.n_classes or 1 + max(species_names(Path(args.data_dir)), default=23)
+        dataset, problems = scan(args.data_dir, n_classes, args.sample_rate, with_test=True, progress=True)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score
 
-from rfcx_mlops import dataset, folds, serve, tracking
+from rfcx_mlops import dataset, detect, folds, serve, tracking
 from rfcx_mlops.config import Config, ConfigError, check_fold
 from rfcx_mlops.audio import AudioInfo, read_window
 from rfcx_mlops.generator import Batches, Samples, SpectrogramBatches, make_batches, make_samples, reuse_freed_memory
@@ -33,6 +33,7 @@ GRID_SAMPLES = 4
 # ResNet50 training on a CPU: 1.13 samples/s of 128 x 1876 images on 2 cores (benchmarks/train_step.py)
 CPU_PIXELS_PER_CORE_SECOND = 1.13 * 128 * 1876 / 2
 _FP_WINDOWS_STREAM = 1  # the Generator choosing the train_fp windows: [seed, this]
+_RANDOM_WINDOWS_STREAM = 2  # the Generator placing train.random_windows: [seed, this]
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,8 @@ class RecordingValidation(keras.callbacks.Callback):
 
 def _samples(cfg: Config, data: dataset.Dataset, train_events: pd.DataFrame,
              val_events: pd.DataFrame) -> tuple[Samples, Samples]:
-    """Training and validation windows; with ``train.fp_windows``, training windows on train_fp rows too.
+    """Training and validation windows; with ``train.fp_windows``, training windows on train_fp rows too,
+    and with ``train.random_windows`` at random places of the training recordings.
 
     Rows of train_fp mark species known absent in both; those of the validation recordings
     never become training windows.
@@ -111,8 +113,22 @@ def _samples(cfg: Config, data: dataset.Dataset, train_events: pd.DataFrame,
     train_fp, val_fp = data.fp[~in_val], data.fp[in_val]
     n = min(len(train_fp), round(cfg.train.fp_windows * len(train_events)))
     chosen = np.sort(np.random.default_rng([cfg.seed, _FP_WINDOWS_STREAM]).choice(len(train_fp), n, replace=False))
-    return (make_samples(train_events, *args, absences=train_fp, centred_on_absences=train_fp.iloc[chosen]),
+    pool = sorted(set(train_events["recording_id"]) | set(train_fp["recording_id"] if n else ()))
+    placed = _random_windows(pool, data.recordings, cfg, round(cfg.train.random_windows * len(train_events)))
+    log.info("training windows: %d on train_tp rows, %d on train_fp rows, %d at random places",
+             len(train_events), n, len(placed))
+    return (make_samples(train_events, *args, absences=train_fp, centred_on_absences=train_fp.iloc[chosen],
+                         placed=placed),
             make_samples(val_events, *args, absences=val_fp))
+
+
+def _random_windows(pool: list[str], recordings: dict[str, AudioInfo], cfg: Config, n: int) -> pd.DataFrame:
+    """``n`` windows at uniform places of recordings drawn uniformly from ``pool``: mostly no labelled call,
+    so that a sigmoid model hears what the recordings sound like between calls."""
+    rng = np.random.default_rng([cfg.seed, _RANDOM_WINDOWS_STREAM])
+    ids = np.asarray(pool, dtype=str)[rng.integers(len(pool), size=n)]
+    room = np.array([recordings[rid].duration for rid in ids]) - cfg.data.crop_seconds
+    return pd.DataFrame({"recording_id": ids, "start": rng.random(n) * np.maximum(room, 0.0)})
 
 
 @functools.cache
@@ -176,10 +192,43 @@ def _new_run(cfg: Config, fold: int, data: dataset.Dataset, assigned: pd.Series,
     if data.demo:
         log.info("training on the built-in demo data set (%s); tag demo_data=True", data.data_dir)
     mlflow.log_artifact(str(folds.write_csv(data.tp, assigned, folder / "folds.csv")))
+    _log_species(cfg, data, folder)
     _augmentation_grid(cfg, train_batches.samples, data.recordings)
     with precision_and_devices(cfg):
         model = build(cfg, len(train_batches))
         return _Start(model, for_training(model, cfg))
+
+
+def _species(cfg: Config, data: dataset.Dataset) -> pd.DataFrame:
+    return detect.species_table(data.tp, cfg.data.n_classes, cfg.features.fmin, cfg.features.fmax,
+                                dataset.species_names(data.data_dir))
+
+
+def _log_species(cfg: Config, data: dataset.Dataset, folder: Path) -> None:
+    """species.csv: what predict names and bands its detections with (names from the data folder's species.csv)."""
+    path = folder / detect.SPECIES_FILE
+    _species(cfg, data).to_csv(path, index=False)
+    mlflow.log_artifact(str(path))
+
+
+PICTURED = 3  # validation recordings a run draws at its best epoch, as predict --plots draws them
+
+
+def _log_pictures(model: keras.Model, cfg: Config, data: dataset.Dataset, val_events: pd.DataFrame) -> None:
+    """The first validation recordings scored over time by the best epoch's model, their detections drawn."""
+    scorer = serve.Scorer([model], cfg, cfg.train.recording_hop_seconds or None)
+    species = _species(cfg, data)
+    names = dict(zip(species["species_id"], species["name"]))
+    thresholds = detect.thresholds(cfg.detect, cfg.data.n_classes)
+    for rid in sorted(val_events["recording_id"].unique())[:PICTURED]:
+        info = data.recordings[rid]
+        y = read_window(info, 0.0, info.duration, cfg.data.sample_rate)
+        _, line = scorer.timeline(y)
+        found = detect.detections(rid, line, thresholds, cfg.detect.min_gap_seconds, species)
+        labelled = ", ".join(names[k] for k in sorted(val_events.loc[val_events["recording_id"] == rid, "species_id"]
+                                                       .unique()))
+        fig = detect.picture(scorer.features, y, line, found, thresholds, names, f"{rid} (labelled: {labelled})")
+        mlflow.log_figure(fig, f"pictures/{rid}.png")
 
 
 def _resumed_run(cfg: Config, run: mlflow.entities.Run, folder: Path) -> _Start:
@@ -219,8 +268,8 @@ def train_fold(cfg: Config, fold: int, *, data: dataset.Dataset | None = None, r
     train_batches = make_batches(train_samples, data.recordings, cfg, training=True, workers=workers)
     val_batches = make_batches(val_samples, data.recordings, cfg, training=False, workers=workers)
     _warn_without_gpu(cfg, train_batches.samples_per_epoch)
-    log.info("fold %d: %d training windows (%d on train_fp rows) and %d validation windows, %d steps an epoch",
-             fold, len(train_samples), len(train_samples) - len(train_events), len(val_samples), len(train_batches))
+    log.info("fold %d: %d training windows and %d validation windows, %d steps an epoch",
+             fold, len(train_samples), len(val_samples), len(train_batches))
     if resume and f"{tracking.CHECKPOINT_DIR}/last.keras" not in {
             a.path for a in mlflow.MlflowClient().list_artifacts(resume, tracking.CHECKPOINT_DIR)}:
         raise ConfigError(f"resume: run {resume} has no checkpoint: it stopped before its first epoch ended; "
@@ -253,6 +302,8 @@ def train_fold(cfg: Config, fold: int, *, data: dataset.Dataset | None = None, r
         ap, predictions = _validation_scores(best_model, val_batches, fold)
         check = lwlrap(val_batches.samples.labels, predictions.filter(regex=r"^s\d+$").to_numpy())
         tracking.log_species_ap(ap, f"Per-species validation average precision, best epoch ({logger.best_epoch})")
+        tracking.log_species_pr(predictions, f"Per-species precision and recall, best epoch ({logger.best_epoch})")
+        _log_pictures(best_model, cfg, data, val_events)
         if log_model:
             serve.log_servable(best_model, cfg, folder)
         mlflow.log_metrics({f"best_{cfg.train.monitor}": logger.best, "best_epoch": logger.best_epoch})
@@ -267,6 +318,8 @@ def train_cv(cfg: Config, *, tags: dict[str, str] | None = None) -> tuple[str, l
     data = dataset.prepare(cfg)  # loaded and checked once, for every fold
     with tracking.tracked_run(run_name=f"{cfg.name}-cv") as parent:
         tracking.log_config(cfg)
+        with tempfile.TemporaryDirectory(prefix="rfcx-cv-") as tmp:
+            _log_species(cfg, data, Path(tmp))
         mlflow.set_tags({"mlflow.runName": f"{cfg.name}-cv", "cv": "true", "fold": "all", "preset": cfg.name,
                          "git_commit": tracking.git_commit(), "data_dir": str(data.data_dir.resolve()),
                          "demo_data": data.demo, **(tags or {})})

@@ -14,7 +14,7 @@ import pandas as pd
 
 from rfcx_mlops import augment
 from rfcx_mlops.audio import AudioInfo, read_window
-from rfcx_mlops.config import AugmentConfig, Config
+from rfcx_mlops.config import AugmentConfig, Config, ModelConfig
 from rfcx_mlops.dataset import no_events
 from rfcx_mlops.features import MelFeatures
 from rfcx_mlops.metrics import UNKNOWN
@@ -33,9 +33,23 @@ class Samples:
         return len(self.starts)
 
 
-def targets(labels: np.ndarray, known: np.ndarray, masked: bool) -> np.ndarray:
-    """What the loss is given: the labels, or with ``masked`` the labels where known and ``UNKNOWN`` elsewhere."""
-    return np.where(known, labels, np.float32(UNKNOWN)) if masked else labels
+def targets(labels: np.ndarray, known: np.ndarray, model: ModelConfig) -> np.ndarray:
+    """What the loss is given.
+
+    ``model.loss: masked``: the labels where known, ``UNKNOWN`` elsewhere.  A softmax: the labels,
+    except that a window with no labelled call (one on a train_fp row or at a random place) is
+    given the same share for every species not known absent there, so that between calls the
+    model learns to favour none, instead of naming whichever species the background resembles.
+    """
+    if model.loss == "masked":
+        return np.where(known, labels, np.float32(UNKNOWN))
+    if model.activation != "softmax":
+        return labels
+    unlabelled = ~labels.any(axis=1)
+    possible = (~known[unlabelled]).astype(np.float32)
+    out = labels.copy()
+    out[unlabelled] = possible / np.maximum(possible.sum(axis=1, keepdims=True), 1.0)
+    return out
 
 
 def mixup(images: np.ndarray, labels: np.ndarray, known: np.ndarray, cfg: Config,
@@ -55,8 +69,8 @@ def mixup(images: np.ndarray, labels: np.ndarray, known: np.ndarray, cfg: Config
     w = np.where(mixed, weight, np.float32(1.0))
     images = w[:, None, None, None] * images + (1 - w[:, None, None, None]) * images[partner]
     if cfg.model.activation == "softmax":
-        labels = w[:, None] * labels + (1 - w[:, None]) * labels[partner]
-        return images, labels, known
+        mixed_targets = targets(labels, known, cfg.model)  # a window without calls mixes in its even shares
+        return images, w[:, None] * mixed_targets + (1 - w[:, None]) * mixed_targets[partner], known
     other_labels = np.where(mixed[:, None], labels[partner], labels)
     other_known = np.where(mixed[:, None], known[partner], known)
     labels = np.maximum(labels, other_labels)
@@ -70,9 +84,10 @@ def window_start(t_min: float, t_max: float, crop_seconds: float, duration: floa
 
 
 def make_samples(events: pd.DataFrame, recordings: dict[str, AudioInfo], crop_seconds: float, n_classes: int,
-                 absences: pd.DataFrame | None = None, centred_on_absences: pd.DataFrame | None = None) -> Samples:
+                 absences: pd.DataFrame | None = None, centred_on_absences: pd.DataFrame | None = None,
+                 placed: pd.DataFrame | None = None) -> Samples:
     """A window centred on every labelled call of ``events`` (train_tp rows), then on every row of
-    ``centred_on_absences`` (train_fp rows).
+    ``centred_on_absences`` (train_fp rows), then at every (recording_id, start) of ``placed``.
 
     A window's labels are every species with a labelled call overlapping it: labelling the whole
     window (not just the row's species) keeps a second species audible in the same crop from
@@ -81,21 +96,23 @@ def make_samples(events: pd.DataFrame, recordings: dict[str, AudioInfo], crop_se
     """
     absences = no_events() if absences is None else absences
     centres = pd.concat([events, no_events() if centred_on_absences is None else centred_on_absences])
+    ids = centres["recording_id"].to_numpy(dtype=str)
+    starts = np.array([window_start(t_min, t_max, crop_seconds, recordings[rid].duration)
+                       for rid, t_min, t_max in zip(ids, centres["t_min"], centres["t_max"])], dtype=float)
+    if placed is not None:
+        ids = np.concatenate([ids, placed["recording_id"].to_numpy(dtype=str)])
+        starts = np.concatenate([starts, placed["start"].to_numpy(dtype=float)])
     calls = {rid: rows for rid, rows in events.groupby("recording_id")}
     absent = {rid: rows for rid, rows in absences.groupby("recording_id")}
-    n = len(centres)
-    labels, known = np.zeros((n, n_classes), np.float32), np.zeros((n, n_classes), bool)
-    starts = np.empty(n)
-    for i, row in enumerate(centres.itertuples(index=False)):
-        start = window_start(row.t_min, row.t_max, crop_seconds, recordings[row.recording_id].duration)
-        starts[i] = start
+    labels, known = np.zeros((len(ids), n_classes), np.float32), np.zeros((len(ids), n_classes), bool)
+    for i, (rid, start) in enumerate(zip(ids, starts)):
         for table, out in ((absent, known), (calls, labels)):
-            rows = table.get(row.recording_id)
+            rows = table.get(rid)
             if rows is not None:
                 inside = rows[(rows["t_max"] > start) & (rows["t_min"] < start + crop_seconds)]
                 out[i, inside["species_id"].to_numpy()] = 1
     known |= labels > 0
-    return Samples(centres["recording_id"].to_numpy(dtype=str), starts, labels, known)
+    return Samples(ids, starts, labels, known)
 
 
 _MIXUP_STREAM = 2**32  # a batch's mixup Generator: [seed, epoch, batch, this]; no sample's draws use it
@@ -128,7 +145,6 @@ class Batches(keras.utils.PyDataset):
         self.transform = augment.from_config(cfg.augment if training else AugmentConfig(enabled=False),
                                              self.sample_rate)
         self.spectral = self.transform.spectral  # part of each draw is applied to the spectrogram
-        self.masked = cfg.model.loss == "masked"
         self.mixup = training and cfg.augment.mixup_p > 0
         self.epoch = 0
         self.order = self._order()
@@ -190,7 +206,7 @@ class Batches(keras.utils.PyDataset):
 
     def labels(self, batch: list[tuple[int, int]]) -> np.ndarray:
         idx = [i for i, _ in batch]
-        return targets(self.samples.labels[idx], self.samples.known[idx], self.masked)
+        return targets(self.samples.labels[idx], self.samples.known[idx], self.cfg.model)
 
     def set_epoch(self, epoch: int) -> None:
         """Continue the sequence of shuffles and draws from ``epoch`` (0-based), as when resuming a run."""
@@ -236,7 +252,7 @@ class SpectrogramBatches(Batches):
         idx = [i for i, _ in batch]
         images, labels, known = mixup(images, self.samples.labels[idx], self.samples.known[idx], self.cfg,
                                       np.random.default_rng([self.cfg.seed, self.epoch, index, _MIXUP_STREAM]))
-        return images, targets(labels, known, self.masked)
+        return images, targets(labels, known, self.cfg.model)
 
 
 class WaveformBatches(Batches):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import warnings
 
 import keras
@@ -12,6 +13,8 @@ import keras
 from rfcx_mlops.config import Config, ConfigError, check_files
 from rfcx_mlops.features import MelFrontEnd, TFMelFeatures
 from rfcx_mlops.metrics import MaskedBinaryCrossentropy, StreamingLWLRAP
+
+FRAME_SCORES = "frame_scores"  # the attention head's per-step scores
 
 
 def learning_rate(cfg: Config, steps_per_epoch: int):
@@ -57,18 +60,41 @@ def build(cfg: Config, steps_per_epoch: int) -> keras.Model:
 
 
 def _classifier(cfg: Config, name: str) -> keras.Model:
-    """ResNet50 and the seed's head: (batch, n_mels, frames, 1) images -> (batch, n_classes) scores."""
+    """ResNet50 and a head: (batch, n_mels, frames, 1) images -> (batch, n_classes) scores.
+
+    ``model.head: pooled`` is the seed's: the feature map averaged, two dense layers.
+    ``attention`` (SED-style) scores each of the feature map's time steps (``frame_scores``,
+    frames / 32 of them) and pools them over time with a learned weight per species and step.
+    """
     f, m = cfg.features, cfg.model
     images = keras.Input(shape=(f.n_mels, f.frames, 1), name="mel")
-    x = keras.layers.GlobalAveragePooling2D()(_backbone(cfg, images).output)
+    features = _backbone(cfg, images).output  # (batch, n_mels / 32, frames / 32, 2048)
+    if m.head == "attention":
+        steps = features.shape[2]
+        x = keras.layers.AveragePooling2D(pool_size=(features.shape[1], 1))(features)  # the frequency axis away
+        x = keras.layers.Reshape((steps, features.shape[3]))(x)
+    else:
+        x = keras.layers.GlobalAveragePooling2D()(features)
     x = keras.layers.BatchNormalization()(x)
     x = keras.layers.Dropout(m.dropout)(x)
-    x = keras.layers.Dense(m.dense_units, activation="relu", kernel_initializer="he_normal")(x)
+    x = keras.layers.Dense(m.dense_units, activation="relu", kernel_initializer="he_normal")(x)  # per step, too
     x = keras.layers.BatchNormalization()(x)
     x = keras.layers.Dropout(m.dropout)(x)
+    # Sigmoid scores start at a species' prior (one in n_classes), not at 0.5: otherwise the first
+    # epochs go into pushing every absent species down.
+    prior = -math.log(max(cfg.data.n_classes - 1, 1)) if m.activation == "sigmoid" else 0.0
     # float32 even under mixed precision: a softmax in float16 rounds small scores to 0.
-    outputs = keras.layers.Dense(cfg.data.n_classes, activation=m.activation, kernel_initializer="he_normal",
-                                 name="species", dtype="float32")(x)
+    scores = keras.layers.Dense(cfg.data.n_classes, activation=m.activation, kernel_initializer="he_normal",
+                                bias_initializer=keras.initializers.Constant(prior), dtype="float32",
+                                name="species" if m.head == "pooled" else FRAME_SCORES)(x)
+    if m.head == "pooled":
+        outputs = scores
+    else:
+        weights = keras.layers.Dense(cfg.data.n_classes, dtype="float32", name="attention")(x)
+        weights = keras.layers.Softmax(axis=1, dtype="float32")(weights)  # over the steps, per species
+        pooled = keras.layers.GlobalAveragePooling1D(dtype="float32")(
+            keras.layers.Multiply(dtype="float32")([weights, scores]))
+        outputs = keras.layers.Rescaling(float(steps), dtype="float32", name="species")(pooled)  # the mean, times steps
     model = keras.Model(images, outputs, name=name)
     # With few steps per epoch the default momentum (0.99) leaves the moving
     # statistics far behind the weights, and validation stays at chance.
@@ -107,6 +133,20 @@ def _compiled(cfg: Config) -> dict:
     else:
         loss = "categorical_crossentropy" if cfg.model.activation == "softmax" else "binary_crossentropy"
     return {"loss": loss, "metrics": [StreamingLWLRAP(cfg.data.n_classes)]}
+
+
+def frame_model(model: keras.Model) -> keras.Model | None:
+    """A model sharing ``model``'s layers that gives its per-step scores, (batch, steps, n_classes), from its
+    input; None for a pooled head."""
+    nested = {layer.name: layer for layer in model.layers}.get("classifier")
+    classifier = nested if isinstance(nested, keras.Model) else model
+    if FRAME_SCORES not in {layer.name for layer in classifier.layers}:
+        return None
+    frames = keras.Model(classifier.input, classifier.get_layer(FRAME_SCORES).output)
+    if classifier is model:
+        return frames
+    audio = keras.Input(model.input_shape[1:])
+    return keras.Model(audio, frames(model.get_layer("mel")(audio)))
 
 
 def for_training(model: keras.Model, cfg: Config) -> keras.Model:

@@ -33,9 +33,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, PERMISSION_DENIED
 
-from rfcx_mlops import audio
+from rfcx_mlops import audio, detect
 from rfcx_mlops.config import Config, ConfigError, UserError, from_dict, to_yaml
 from rfcx_mlops.features import MelFeatures
+from rfcx_mlops.model import frame_model
 
 log = logging.getLogger("rfcx_mlops.serve")
 MODEL_DIR = "model"  # the run's logged model: runs:/<run id>/model
@@ -66,12 +67,18 @@ class Scorer:
             raise ConfigError(f"--hop must be > 0 seconds; got {self.hop:g}")
         self.features = MelFeatures(cfg.features, self.sample_rate)
         self.n_classes = int(models[0].output_shape[-1])
+        frame_models = [frame_model(m) for m in models]
+        self.frame_models = None if any(m is None for m in frame_models) else frame_models
+
+    def starts(self, y: np.ndarray) -> np.ndarray:
+        """Where ``inputs``' windows of ``y`` start, in seconds."""
+        return window_starts(max(len(y), self.cfg.data.window_samples) / self.sample_rate, self.crop, self.hop)
 
     def inputs(self, y: np.ndarray) -> np.ndarray:
         """The model input for every window of ``y``: images, or the windows themselves where the model makes them."""
         n = self.cfg.data.window_samples
         y = np.pad(y, (0, max(0, n - len(y))))
-        starts = window_starts(len(y) / self.sample_rate, self.crop, self.hop)
+        starts = self.starts(y)
         windows = np.stack([y[int(round(s * self.sample_rate)):][:n] for s in starts]).astype(np.float32)
         if self.cfg.features.backend == "tensorflow":
             return windows
@@ -83,7 +90,24 @@ class Scorer:
 
     def pooled(self, x: np.ndarray) -> np.ndarray:
         """``scores`` from the windows' model input (``inputs``)."""
-        return np.mean([np.asarray(m.predict_on_batch(x)).max(axis=0) for m in self.models], axis=0)
+        return self.window_scores(x).max(axis=1).mean(axis=0)
+
+    def timeline(self, y: np.ndarray) -> tuple[np.ndarray, detect.Timeline]:
+        """``scores(y)``, and the scores over time: of each window (the models' mean), or with an attention head
+        of each step within the windows, crop / steps seconds long."""
+        x, starts = self.inputs(y), self.starts(y)
+        windows = self.window_scores(x)
+        if self.frame_models is None:
+            return windows.max(axis=1).mean(axis=0), detect.timeline(starts, self.crop, windows.mean(axis=0))
+        steps = np.mean([np.asarray(m.predict_on_batch(x)) for m in self.frame_models], axis=0)  # (windows, steps, n)
+        step = self.crop / steps.shape[1]
+        step_starts = (starts[:, None] + step * np.arange(steps.shape[1])).ravel()
+        line = detect.timeline(step_starts, step, steps.reshape(-1, steps.shape[2]))
+        return windows.max(axis=1).mean(axis=0), line
+
+    def window_scores(self, x: np.ndarray) -> np.ndarray:
+        """(models, windows, n_classes): each model's scores of each window (``inputs``)."""
+        return np.stack([np.asarray(m.predict_on_batch(x)) for m in self.models])
 
     def read(self, path: str | Path) -> np.ndarray:
         info = audio.probe(path)
@@ -247,6 +271,18 @@ def load_run(run_id: str, folder: Path, hop_seconds: float | None = None) -> tup
     models, ids = _run_models(run, folder)
     log.info("run %s: %d model(s) from %s", run_id, len(models), ", ".join(ids))
     return run, Scorer(models, cfg, hop_seconds)
+
+
+def species_table(run: mlflow.entities.Run, cfg: Config, folder: Path) -> pd.DataFrame:
+    """The run's species.csv (``detect.species_table``); a run from before it was logged gets every species
+    named s<id>, over the features' band."""
+    try:
+        return pd.read_csv(MlflowClient().download_artifacts(run.info.run_id, detect.SPECIES_FILE, str(folder)))
+    except (mlflow.exceptions.MlflowException, OSError):
+        log.warning("run %s has no %s: detections are banded %g-%g Hz", run.info.run_id, detect.SPECIES_FILE,
+                    cfg.features.fmin, cfg.features.fmax)
+        return detect.species_table(pd.DataFrame(columns=["species_id", "f_min", "f_max"]), cfg.data.n_classes,
+                                    cfg.features.fmin, cfg.features.fmax)
 
 
 def logged_config(run: mlflow.entities.Run) -> Config:

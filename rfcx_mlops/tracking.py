@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import signal
@@ -19,6 +20,7 @@ import pandas as pd
 from matplotlib.figure import Figure  # drawn without pyplot: no global backend or figure state
 from mlflow.entities import Metric, RunTag
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+from sklearn.metrics import average_precision_score, precision_recall_curve
 
 from rfcx_mlops.config import DEFAULT_EXPERIMENT, Config, flatten, to_yaml
 from rfcx_mlops.metrics import lwlrap
@@ -244,6 +246,31 @@ def log_species_ap(ap: pd.Series, title: str, folds: pd.DataFrame | None = None)
     ax.set_title(title)
     fig.tight_layout()
     mlflow.log_figure(fig, "species_ap.png")
+
+
+def log_species_pr(predictions: pd.DataFrame, title: str) -> None:
+    """Each species' precision-recall curve over the validation windows (``y<k>`` truth, ``s<k>`` scores)."""
+    truth, scores = predictions.filter(regex=r"^y\d+$").to_numpy(), predictions.filter(regex=r"^s\d+$").to_numpy()
+    n = truth.shape[1]
+    cols = 6
+    fig = Figure(figsize=(2.2 * cols, 2.0 * math.ceil(n / cols)), layout="constrained")
+    axes = fig.subplots(math.ceil(n / cols), cols, sharex=True, sharey=True, squeeze=False).ravel()
+    for k, ax in enumerate(axes):
+        if k >= n:
+            ax.set_axis_off()
+            continue
+        if not truth[:, k].any():
+            ax.set_title(f"s{k}: no calls", fontsize=8)
+            continue
+        precision, recall, _ = precision_recall_curve(truth[:, k], scores[:, k])
+        ax.plot(recall, precision, color="tab:blue")
+        ax.set_title(f"s{k}: AP {average_precision_score(truth[:, k], scores[:, k]):.2f}", fontsize=8)
+    axes[0].set_xlim(0, 1)
+    axes[0].set_ylim(0, 1.02)
+    fig.supxlabel("recall")
+    fig.supylabel("precision")
+    fig.suptitle(title)
+    mlflow.log_figure(fig, "species_pr.png")
 
 
 def log_cv_summary(results: list, monitor: str) -> None:

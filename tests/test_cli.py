@@ -90,7 +90,7 @@ def test_dataset_check_help_explains_every_argument():
 
 # --- the README's commands -------------------------------------------------------------------------------------
 
-PLACEHOLDERS = {"<run id>": "0123456789abcdef0123456789abcdef", "<id>": "0123456789abcdef"}
+PLACEHOLDERS = {"<run id>": "0123456789abcdef0123456789abcdef", "<id>": "0123456789abcdef", "<species>": "24"}
 
 
 def readme_commands() -> list[str]:
@@ -140,7 +140,8 @@ def test_readme_commands_use_what_exists():
     assert {"make demo", "make test", "mlflow run", "python -m"} <= seen
 
 
-RUN_AS_WRITTEN = ("python -m rfcx_mlops.dataset check", "python -m rfcx_mlops.report", "python -m rfcx_mlops.predict")
+RUN_AS_WRITTEN = ("python -m rfcx_mlops.dataset check", "python -m rfcx_mlops.dataset import-raven",
+                  "python -m rfcx_mlops.report", "python -m rfcx_mlops.predict")
 
 
 def test_the_readme_commands_that_need_no_training_run_as_written(cv_run, tiny_data, tmp_path):
@@ -164,3 +165,4 @@ def test_the_readme_commands_that_need_no_training_run_as_written(cv_run, tiny_d
         ran.append(command.split()[2])
     assert sorted(set(ran)) == ["rfcx_mlops.dataset", "rfcx_mlops.predict", "rfcx_mlops.report"]
     assert (tmp_path / "submission.csv").is_file() and (tmp_path / "runs.csv").is_file()
+    assert (tmp_path / "out" / "detections.csv").is_file() and (tmp_path / "my-data" / "species.csv").is_file()

@@ -79,8 +79,12 @@ def test_overrides_and_round_trip(tmp_path):
         ({"train.warmup_epochs": 2}, "train.warmup_epochs needs train.lr_schedule: cosine"),
         ({"model.loss": "focal"}, "model.loss must be one of crossentropy, masked"),
         ({"model.loss": "masked"}, "model.loss: masked needs model.activation: sigmoid"),
-        ({"train.fp_windows": 0.5}, "train.fp_windows needs model.activation: sigmoid"),
-        ({"train.fp_windows": -1.0, "model.activation": "sigmoid"}, "train.fp_windows must be >= 0"),
+        ({"model.head": "sed"}, "model.head must be one of pooled, attention"),
+        ({"model.head": "attention"}, "model.head: attention needs model.activation: sigmoid"),
+        ({"detect.threshold": 1.5}, "detect.threshold must be within [0, 1]"),
+        ({"detect.min_gap_seconds": -1.0}, "detect.min_gap_seconds must be >= 0"),
+        ({"train.fp_windows": -1.0}, "train.fp_windows must be >= 0"),
+        ({"train.random_windows": -0.5}, "train.random_windows must be >= 0"),
         ({"model.unknown_weight": 0.1, "model.activation": "sigmoid"}, "model.unknown_weight needs model.loss: masked"),
         ({"model.unknown_weight": 2.0, "model.activation": "sigmoid", "model.loss": "masked"},
          "model.unknown_weight must be within [0, 1]"),
@@ -144,3 +148,6 @@ def test_a_weights_file_must_exist_where_training_runs(tmp_path):
         config.check_files(cfg)
     (tmp_path / "missing.weights.h5").write_bytes(b"")
     config.check_files(cfg)
+    thresholds = config.load(None, {"detect.thresholds_file": str(tmp_path / "t.csv")})
+    with pytest.raises(ConfigError, match=r"detect.thresholds_file: .*t.csv is not a file"):
+        config.check_files(thresholds)

@@ -264,3 +264,71 @@ def test_a_run_without_data_dir_builds_the_demo_once_and_reuses_it(tmp_path, cap
         f"no data_dir given: building the demo data set (4 recordings) in {data.data_dir}",
         f"using the cached demo data set in {data.data_dir}"]
     assert [p.name for p in (tmp_path / "demo").iterdir()] == [data.data_dir.name]  # no partial folder left
+
+
+# -- import-raven ------------------------------------------------------------------------------------------------
+
+RAVEN_HEAD = "Selection\tView\tChannel\tBegin Time (s)\tEnd Time (s)\tLow Freq (Hz)\tHigh Freq (Hz)\tSpecies\n"
+
+
+def raven_folder(root, tables: dict[str, str], seconds: float = 10.0):
+    """Selection tables named as Raven names them, and a tone recording for each."""
+    (root / "tables").mkdir(parents=True)
+    (root / "audio").mkdir()
+    for stem, rows in tables.items():
+        (root / "tables" / f"{stem}.Table.1.selections.txt").write_text(RAVEN_HEAD + rows.replace("|", "\t"))
+        write_tone(root / "audio" / f"{stem}.wav", seconds=seconds)
+    return root / "tables", root / "audio"
+
+
+def test_import_raven_makes_a_folder_to_train_on(tmp_path, capsys):
+    tables, audio = raven_folder(tmp_path, {
+        "site1": "1|Spectrogram 1|1|1.0|2.5|500|900|frog\n2|Spectrogram 1|1|4.0|5.0|2000|4000|bird\n"
+                 "3|Spectrogram 1|1|6.0|7.0|100|8000|noise\n",
+        "site2": "1|Waveform 1|1|0.5|1.5|500|900|frog\n1|Spectrogram 1|1|0.5|1.5|500|900|frog\n",
+    })
+    out = tmp_path / "data"
+    assert dataset.main(["import-raven", str(tables), str(audio), str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert (out / "species.csv").read_text() == "species_id,name\n0,bird\n1,frog\n"
+    tp = (out / "train_tp.csv").read_text().splitlines()
+    assert tp == ["recording_id,species_id,songtype_id,t_min,f_min,t_max,f_max", "site1,1,1,1.0,500.0,2.5,900.0",
+                  "site1,0,1,4.0,2000.0,5.0,4000.0", "site2,1,1,0.5,500.0,1.5,900.0"]
+    fp = (out / "train_fp.csv").read_text().splitlines()[1:]  # the noise box holds neither species
+    assert fp == ["site1,0,1,6.0,100.0,7.0,8000.0", "site1,1,1,6.0,100.0,7.0,8000.0"]
+    assert (out / "train" / "site1.wav").resolve() == (audio / "site1.wav").resolve()
+    data, problems = dataset.scan(out, 2, 48000)
+    assert problems == [] and len(data.tp) == 3 and len(data.fp) == 2
+    assert dataset.species_names(out) == {0: "bird", 1: "frog"}
+
+
+@pytest.mark.parametrize("tables, extra, message", [
+    ({"a": "1|Spectrogram 1|1|1.0|2.0|500|900|frog\n1|Spectrogram 1|1|3.0|4.0|500|900|frog\n"}, [],
+     "a.Table.1.selections.txt: selection 1 appears twice in one view (lines 2, 3)"),
+    ({"a": "1|Spectrogram 1|1|8.0|12.5|500|900|frog\n"}, [],
+     "a.Table.1.selections.txt line 2: ends at 12.5 s, past the end of a.wav (10.00 s)"),
+    ({"a": "1|Spectrogram 1|1|1.0|2.0|500|900|toad\n"}, ["--species-map", "MAP"],
+     "a.Table.1.selections.txt line 2: species 'toad' is not in"),
+    ({"a": "1|Spectrogram 1|1|1.0|2.0|500|900|frog\n"}, ["--label-column", "Annotation"],
+     "a.Table.1.selections.txt: no column 'Annotation'"),
+])
+def test_import_raven_refuses_bad_tables_in_one_line(tmp_path, capsys, tables, extra, message):
+    folder, audio = raven_folder(tmp_path, tables)
+    species_map = tmp_path / "map.csv"
+    species_map.write_text("species_id,name\n0,frog\n")
+    argv = ["import-raven", str(folder), str(audio), str(tmp_path / "out"), *[species_map if a == "MAP" else a for a in extra]]
+    assert dataset.main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_import_raven_needs_the_audio_and_a_new_folder(tmp_path, capsys):
+    folder, audio = raven_folder(tmp_path, {"a": "1|Spectrogram 1|1|1.0|2.0|500|900|frog\n"})
+    (audio / "a.wav").unlink()
+    assert dataset.main(["import-raven", str(folder), str(audio), str(tmp_path / "out")]) == 2
+    assert f"no audio file a.flac or a.wav in {audio}" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    assert dataset.main(["import-raven", str(folder), str(audio), str(tmp_path / "full")]) == 2
+    assert "full: not empty; give a new folder" in capsys.readouterr().err

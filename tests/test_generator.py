@@ -11,6 +11,7 @@ from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
 
 from conftest import make_data_dir
 from rfcx_mlops import config, dataset
+from rfcx_mlops.config import ModelConfig
 from rfcx_mlops.generator import SpectrogramBatches, make_samples, mixup, targets, window_start
 from rfcx_mlops.metrics import UNKNOWN
 
@@ -190,9 +191,27 @@ def test_absences_are_known_and_can_centre_windows(data):
     extra = len(data.tp)  # the window on rec1's absence, 5.5-7.5 s: no call, species 4 known absent
     assert samples.recording_ids[extra] == "rec1" and samples.starts[extra] == 5.5
     assert not samples.labels[extra].any() and list(np.flatnonzero(samples.known[extra])) == [4]
-    masked = targets(samples.labels, samples.known, masked=True)
+    masked = targets(samples.labels, samples.known, ModelConfig(activation="sigmoid", loss="masked"))
     assert masked[extra, 4] == 0 and masked[extra, 5] == UNKNOWN and masked[0, 0] == 1
-    np.testing.assert_array_equal(targets(samples.labels, samples.known, masked=False), samples.labels)
+    np.testing.assert_array_equal(targets(samples.labels, samples.known, ModelConfig(activation="sigmoid")), samples.labels)
+    even = targets(samples.labels, samples.known, ModelConfig())  # a softmax: the window with no call
+    np.testing.assert_array_equal(even[:extra], samples.labels[:extra])
+    assert even[extra, 4] == 0 and np.allclose(np.delete(even[extra], 4), 1 / 23)
+
+
+def test_placed_windows_know_what_overlaps_them(data):
+    fp = pd.DataFrame([("rec1", 4, 1, 6.0, 500.0, 7.0, 4000.0, 3)], columns=data.tp.columns).astype(data.tp.dtypes.to_dict())
+    placed = pd.DataFrame({"recording_id": ["rec1", "rec1"], "start": [4.5, 3.5]})
+    samples = make_samples(data.tp, data.recordings, 2.0, 24, absences=fp, placed=placed)
+    assert len(samples) == len(data.tp) + 2
+    near, far = len(data.tp), len(data.tp) + 1
+    assert list(samples.recording_ids[near:]) == ["rec1", "rec1"] and list(samples.starts[near:]) == [4.5, 3.5]
+    assert not samples.labels[near].any() and list(np.flatnonzero(samples.known[near])) == [4]
+    assert not samples.known[far].any()  # nothing known: every species unknown to the masked loss
+    call = data.tp[data.tp["recording_id"] == "rec1"].iloc[0]
+    on_call = make_samples(data.tp, data.recordings, 2.0, 24, placed=pd.DataFrame(
+        {"recording_id": ["rec1"], "start": [call.t_min - 1.0]}))
+    assert list(np.flatnonzero(on_call.labels[-1])) == [call.species_id]
 
 
 def test_masked_batches_carry_unknown_targets(data):
@@ -226,6 +245,12 @@ def test_mixup_with_a_softmax_mixes_the_targets_by_weight():
     w0 = 1.0 - mixed[0, 0, 0, 0]
     np.testing.assert_allclose(y[0], [w0, 1 - w0], atol=1e-6)
     np.testing.assert_allclose(y.sum(axis=1), 1.0, atol=1e-6)
+    # a window with no labelled call brings even shares of the species not known absent into the mix
+    quiet = np.array([[1, 0, 0, 0], [0, 0, 0, 0]], np.float32)
+    known = np.array([[1, 0, 0, 0], [0, 0, 0, 1]], bool)
+    mixed, y, _ = mixup(images, quiet, known, cfg, np.random.default_rng(1))
+    w0 = 1.0 - mixed[0, 0, 0, 0]
+    np.testing.assert_allclose(y[0], [w0 + (1 - w0) / 3, (1 - w0) / 3, (1 - w0) / 3, 0.0], atol=1e-6)
 
 
 def test_training_batches_with_mixup_are_seeded(data):

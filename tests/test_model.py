@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from rfcx_mlops import config
-from rfcx_mlops.model import Augmented, build, for_training
+from rfcx_mlops.model import Augmented, build, for_training, frame_model
 
 TINY = Path(__file__).resolve().parent / "tiny.yaml"
 
@@ -66,3 +66,33 @@ def test_pretrained_backbone_weights_from_a_file(tmp_path):
         build(config.load(TINY, {"model.weights": str(tmp_path / "other.weights.h5")}), 1)
     with pytest.raises(config.ConfigError, match="is not a file"):
         build(config.load(TINY, {"model.weights": str(tmp_path / "missing.weights.h5")}), 1)
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
+def test_untrained_scores_start_at_the_species_prior(activation):
+    """Sigmoid scores start near one in n_classes (not 0.5 each); a softmax's sum to 1 anyway."""
+    cfg = config.load(TINY, {"model.activation": activation})
+    model = build(cfg, 1)
+    images = np.random.default_rng(0).normal(size=(8, cfg.features.n_mels, cfg.features.frames, 1)).astype("float32")
+    scores = np.asarray(model.predict_on_batch(images))
+    assert scores.mean() == pytest.approx(1 / cfg.data.n_classes, rel=0.5)
+    assert np.allclose(scores.sum(axis=1), 1.0, atol=1e-5) == (activation == "softmax")
+
+
+@pytest.mark.parametrize("backend", ["numpy", "tensorflow"])
+def test_the_attention_head_pools_its_steps_scores_by_learned_weights(backend):
+    cfg = config.load(TINY, {"model.activation": "sigmoid", "model.head": "attention", "features.backend": backend})
+    model = build(cfg, 1)
+    steps = cfg.features.frames // 32
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(3, cfg.data.window_samples)) if backend == "tensorflow"
+         else rng.normal(size=(3, cfg.features.n_mels, cfg.features.frames, 1))).astype("float32")
+    clip = np.asarray(model.predict_on_batch(x))
+    frames = np.asarray(frame_model(model).predict_on_batch(x))
+    assert clip.shape == (3, 24) and frames.shape == (3, steps, 24)
+    classifier = model.get_layer("classifier") if backend == "tensorflow" else model
+    images = model.get_layer("mel")(x)[..., None] if backend == "tensorflow" else x
+    logits = np.asarray(keras.Model(classifier.input, classifier.get_layer("attention").output)(images))
+    weights = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(clip, (weights * frames).sum(axis=1), atol=1e-5)
+    assert frame_model(build(config.load(TINY), 1)) is None  # the pooled head has no steps

@@ -22,7 +22,7 @@ from mlflow.utils.file_utils import local_file_uri_to_path
 from sklearn.metrics import label_ranking_average_precision_score
 
 from conftest import free_port, start_server, write_tone
-from rfcx_mlops import predict, report, serve
+from rfcx_mlops import detect, predict, report, serve
 
 
 def sklearn_lwlrap(truth: np.ndarray, scores: np.ndarray) -> float:
@@ -71,7 +71,10 @@ def test_window_starts_cover_the_recording():
 
 
 def run_predict(capsys, *argv) -> tuple[int, str, str]:
-    code = predict.main(list(argv))
+    try:
+        code = predict.main(list(argv))
+    except SystemExit as exc:  # argparse's own refusals
+        code = exc.code
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -103,6 +106,67 @@ def test_cv_prediction_averages_the_folds_in_submission_order(cv_run, cv_trackin
                                          f"{float(f'{expected + 0.001:.4f}'):g}")
 
 
+def test_detections_raven_tables_and_event_scores(cv_run, cv_tracking, tiny_data, capsys, tmp_path):
+    fold = cv_run.folds[0].info.run_id
+    assert run_predict(capsys, "--run-id", fold, "--out", "first.csv", "--hop", "1.25")[0] == 0
+    # a tiny model's scores are low: a threshold that its top tenth of recording scores reach
+    threshold = round(float(np.quantile(pd.read_csv("first.csv").drop(columns="recording_id"), 0.9)), 3)
+    code, out, _ = run_predict(capsys, "--run-id", fold, "--out", "out/sub.csv", "--raven", "raven", "--hop", "1.25",
+                               "--threshold", str(threshold))
+    assert code == 0
+    found = pd.read_csv("out/detections.csv")
+    assert list(found.columns) == detect.DETECTION_COLUMNS and len(found) > 0
+    assert f"wrote out/detections.csv: {len(found)} detections" in out
+    assert f"(threshold {threshold:g}, gaps under 1 s joined)" in out
+    assert (found["t_start"] >= 0).all() and (found["t_end"] <= 60.0).all() and (found["t_end"] > found["t_start"]).all()
+    assert (found["score"] >= threshold).all()
+    species = pd.read_csv(MlflowClient().download_artifacts(fold, detect.SPECIES_FILE, str(tmp_path)))
+    tp = pd.read_csv(tiny_data / "train_tp.csv")
+    banded = found.merge(species, on="species_id", suffixes=("", "_species"))
+    assert (banded["f_low"] == banded["f_low_species"]).all() and (banded["f_high"] == banded["f_high_species"]).all()
+    for k, row in species.set_index("species_id").iterrows():
+        calls = tp[tp["species_id"] == k]
+        assert (row["f_low"], row["f_high"]) == ((calls["f_min"].min(), calls["f_max"].max()) if len(calls) else (84.0, 15056.0))
+    # a species' detections never touch: nearer than the minimum gap, they are one
+    for _, rows in found.sort_values("t_start").groupby(["recording_id", "species_id"]):
+        assert (rows["t_start"].to_numpy()[1:] - rows["t_end"].to_numpy()[:-1] >= 1.0).all()
+
+    # every recording has a table; read back, the boxes are the detections'
+    ids = pd.read_csv(tiny_data / "sample_submission.csv")["recording_id"]
+    assert sorted(p.name for p in Path("raven").iterdir()) == sorted(f"{rid}{detect.RAVEN_SUFFIX}" for rid in ids)
+    for rid, rows in found.groupby("recording_id"):
+        back = detect.read_raven(Path("raven") / f"{rid}{detect.RAVEN_SUFFIX}")
+        np.testing.assert_allclose(back[["t_start", "t_end", "f_low", "f_high"]].to_numpy(),
+                                   rows[["t_start", "t_end", "f_low", "f_high"]].to_numpy(), atol=1e-3)
+        assert back["label"].tolist() == [f"s{k}" for k in rows["species_id"]]
+
+    # and through import-raven into a data folder holding the same boxes as train_tp.csv rows
+    from rfcx_mlops import dataset
+    species_map = tmp_path / "species.csv"
+    assert dataset.main(["import-raven", "raven", str(tiny_data / "test"), "imported", "--species-map", str(species_map)]) == 0
+    imported = pd.read_csv("imported/train_tp.csv")
+    np.testing.assert_allclose(imported[["species_id", "t_min", "t_max", "f_min", "f_max"]].to_numpy(),
+                               found[["species_id", "t_start", "t_end", "f_low", "f_high"]].to_numpy(), atol=1e-3)
+    assert imported["recording_id"].tolist() == found["recording_id"].tolist()
+    assert len(list(Path("imported/train").iterdir())) == len(ids)
+
+    # event precision and recall, counted here by hand from the demo data's test_calls.csv
+    calls = pd.read_csv(tiny_data / "test_calls.csv")
+    def overlaps(a, b):
+        return ((a["recording_id"] == b["recording_id"]) & (a["species_id"] == b["species_id"])
+                & (a["t_start"] < b["t_max"]) & (b["t_min"] < a["t_end"]))
+    right = sum(any(overlaps(d, c) for _, c in calls.iterrows()) for _, d in found.iterrows())
+    hit = sum(any(overlaps(d, c) for _, d in found.iterrows()) for _, c in calls.iterrows())
+    events = pd.read_csv("out/event_scores.csv").set_index("species_id")
+    assert events.loc["all", ["detections", "right", "calls", "found"]].tolist() == [len(found), right, len(calls), hit]
+    assert f"events: precision {right / len(found):.4f} ({right} of {len(found)} detections on a true call), recall " \
+           f"{hit / len(calls):.4f} ({hit} of {len(calls)} calls found)" in out
+    run = cv_tracking.get_run(fold)
+    assert run.data.metrics["event_recall"] == pytest.approx(hit / len(calls))
+    logged = {a.path for a in cv_tracking.list_artifacts(fold)}
+    assert {"detections.csv", "event_scores.csv", "raven", "species.csv"} <= logged
+
+
 def test_a_folder_of_audio_with_an_unreadable_file(cv_run, cv_tracking, capsys, tmp_path):
     folder = tmp_path / "field"
     folder.mkdir()
@@ -132,6 +196,8 @@ def test_bad_input_is_one_line(cv_run, cv_tracking, capsys, tmp_path, tiny_data)
     write_tone(unsafe / "test" / "r1.flac", seconds=3.0)
     pd.DataFrame({"recording_id": ["r1", "../r1"], **{f"s{i}": [0.5, 0.5] for i in range(24)}}).to_csv(
         unsafe / "sample_submission.csv", index=False)
+    thresholds = tmp_path / "t.csv"
+    thresholds.write_text("species_id,threshold\n3,0.5\n3,0.6\n")
     bare = cv_tracking.create_run(cv_tracking.create_experiment("no-model"))
     cv_tracking.log_text(bare.info.run_id, yaml.safe_dump(yaml.safe_load(
         mlflow.artifacts.load_text(cv_run.folds[0].info.artifact_uri + "/config.yaml"))), "config.yaml")
@@ -146,6 +212,11 @@ def test_bad_input_is_one_line(cv_run, cv_tracking, capsys, tmp_path, tiny_data)
          "sample_submission.csv line 3: recording_id '../r1' is not a plain file name"),
         (["--run-id", fold, "--data-dir", str(ten / "test"), "--min-lwlrap", "0.5"],
          f"--min-lwlrap: {ten / 'test'} has no test_labels.csv"),
+        (["--run-id", fold, "--threshold", "1.5"], "argument --threshold: expected a number within [0, 1]; got '1.5'"),
+        (["--run-id", fold, "--min-gap", "-1"], "argument --min-gap: expected seconds >= 0; got '-1'"),
+        (["--run-id", fold, "--thresholds", "none.csv"], "--thresholds: none.csv is not a file"),
+        (["--run-id", fold, "--thresholds", str(thresholds)],
+         f"{thresholds} line 3: species_id must be a new id within 0..23 and threshold within [0, 1]; got 3,0.6"),
     ]
     for argv, message in cases:
         code, _, err = run_predict(capsys, *argv, "--out", "x.csv")

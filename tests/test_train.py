@@ -15,6 +15,7 @@ import h5py
 import keras
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -60,8 +61,9 @@ def test_a_training_run_keeps_library_noise_off_stderr(mlflow_run):
     noise = re.compile(r"^[IWEF]\d{4} |absl::InitializeLog|oneDNN|cuInit|cuda drivers|cpu_feature_guard|CloudPickle|"
                        r"Downloading artifacts|least populated class")
     assert [line for line in proc.stderr.splitlines() if noise.search(line)] == []
-    assert re.search(r"INFO rfcx_mlops.fit: fold 2: \d+ training windows \(0 on train_fp rows\) and \d+ validation "
-                     r"windows", proc.stderr)
+    assert re.search(r"INFO rfcx_mlops.fit: training windows: \d+ on train_tp rows, 0 on train_fp rows, 0 at random "
+                     r"places\n", proc.stderr)
+    assert re.search(r"INFO rfcx_mlops.fit: fold 2: \d+ training windows and \d+ validation windows", proc.stderr)
 
 
 def test_entry_point_params_reach_the_run(mlflow_run):
@@ -101,7 +103,13 @@ def test_run_artifacts(mlflow_run, tmp_path):
     client, run, _ = mlflow_run
     rid = run.info.run_id
     names = {a.path for a in client.list_artifacts(rid)}
-    assert {"config.yaml", "folds.csv", "augmentation_samples.png", "species_ap.csv", "species_ap.png"} <= names
+    assert {"config.yaml", "folds.csv", "augmentation_samples.png", "species_ap.csv", "species_ap.png", "species_pr.png",
+            "species.csv", "pictures"} <= names
+    folds_table = pd.read_csv(mlflow.artifacts.download_artifacts(f"{run.info.artifact_uri}/folds.csv", dst_path=str(tmp_path)))
+    first = sorted(folds_table.loc[folds_table["fold"] == 2, "recording_id"].unique())[:3]  # the run is fold 2
+    assert [a.path for a in client.list_artifacts(rid, "pictures")] == [f"pictures/{r}.png" for r in first]
+    species = pd.read_csv(mlflow.artifacts.download_artifacts(f"{run.info.artifact_uri}/species.csv", dst_path=str(tmp_path)))
+    assert list(species.columns) == ["species_id", "name", "f_low", "f_high"] and len(species) == 24
     assert client.list_artifacts(rid, "checkpoints") == []  # a finished run cannot be resumed: its model is enough
     cfg = config.from_dict(yaml.safe_load(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.yaml")))
     assert cfg.train.epochs == 2 and cfg.seed == 27
@@ -321,18 +329,20 @@ def test_images_made_in_the_model(tiny_data, tracking, tmp_path, monkeypatch):
 
 
 def test_weak_label_recipe_picks_the_epoch_by_whole_recordings(tiny_data, tracking, tmp_path, caplog):
-    """Masked loss, windows on train_fp rows, mixup and SpecAugment train; val_recording_lwlrap is logged every
-    epoch, picks the best one, and is what the logged model scores on the validation recordings, whole."""
+    """Masked loss, windows on train_fp rows and at random places, mixup, SpecAugment and the attention head
+    train; val_recording_lwlrap is logged every epoch, picks the best one, and is what the logged model scores
+    on the validation recordings, whole; the model scores them over time step by step."""
     from rfcx_mlops import dataset, folds
     from rfcx_mlops.metrics import lwlrap
 
     cfg = tiny_cfg(tiny_data, **{
         "model.activation": "sigmoid", "model.loss": "masked", "model.unknown_weight": 0.1, "train.fp_windows": 0.5,
-        "augment.mixup_p": 0.5, "augment.time_mask_p": 0.5, "augment.freq_mask_p": 0.5,
+        "train.random_windows": 0.5, "model.head": "attention", "augment.mixup_p": 0.5, "augment.time_mask_p": 0.5, "augment.freq_mask_p": 0.5,
         "train.recording_eval_every": 1, "train.recording_hop_seconds": 2.5, "train.monitor": "val_recording_lwlrap"})
     with caplog.at_level("INFO", logger="rfcx_mlops.fit"):
         result = train_fold(cfg, 1)
-    assert re.search(r"training windows \([1-9]\d* on train_fp rows\)", caplog.text)
+    counts = re.search(r"training windows: (\d+) on train_tp rows, ([1-9]\d*) on train_fp rows, (\d+) at random", caplog.text)
+    assert counts and int(counts[3]) == round(0.5 * int(counts[1])) > 0
     client = MlflowClient()
     run = client.get_run(result.run_id)
     history = [m.value for m in sorted(client.get_metric_history(result.run_id, "val_recording_lwlrap"),
@@ -350,6 +360,24 @@ def test_weak_label_recipe_picks_the_epoch_by_whole_recordings(tiny_data, tracki
         truth[row, val.loc[val["recording_id"] == rid, "species_id"]] = 1
     scores = np.stack([scorer.scores(scorer.read(data.recordings[rid].path)) for rid in ids])
     assert lwlrap(truth, scores) == pytest.approx(result.best_value, abs=1e-4)
+    clip, line = scorer.timeline(scorer.read(data.recordings[ids[0]].path))
+    np.testing.assert_allclose(clip, scores[0], atol=1e-6)
+    step = cfg.data.crop_seconds / (cfg.features.frames // 32)  # the attention head's steps, not whole windows
+    assert np.diff(line.edges).max() == pytest.approx(step) and len(line.scores) >= round(60 / step)
+
+
+def test_random_windows_are_a_seeded_draw_inside_the_training_recordings():
+    from rfcx_mlops.audio import AudioInfo
+    from rfcx_mlops.fit import _random_windows
+
+    infos = {rid: AudioInfo(Path(f"{rid}.flac"), 48000, int(seconds * 48000), 1, "PCM_16") for rid, seconds in (("a", 60.0), ("b", 7.0), ("c", 60.0))}
+    cfg = config.load(None, {"data.crop_seconds": 5.0})
+    placed = _random_windows(["a", "b"], infos, cfg, 400)
+    assert len(placed) == 400 and set(placed["recording_id"]) == {"a", "b"}  # never "c", outside the pool
+    room = placed["recording_id"].map({"a": 55.0, "b": 2.0})
+    assert (placed["start"] >= 0).all() and (placed["start"] <= room).all() and placed["start"].max() > 50
+    assert placed.equals(_random_windows(["a", "b"], infos, cfg, 400))
+    assert not placed.equals(_random_windows(["a", "b"], infos, config.load(None, {"data.crop_seconds": 5.0, "seed": 1}), 400))
 
 
 def test_a_run_of_hours_on_a_cpu_says_so_in_one_line(caplog):
