@@ -383,6 +383,18 @@ def with_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
     return from_dict(_merge(to_dict(cfg), _nest(overrides)))
 
 
+def read_csv(path: Path, error: type[UserError] = ConfigError):
+    """A small CSV's cells as text under its header: a pandas DataFrame.  Unreadable, or a row with an extra
+    field (read without a header, pandas would quietly make the first column its index), is ``error``."""
+    import pandas as pd  # only where a CSV is read: the command lines answer --help without it
+
+    try:
+        cells = pd.read_csv(path, header=None, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: not a readable CSV ({str(exc).strip().splitlines()[0]})") from None
+    return cells.iloc[1:].set_axis(cells.iloc[0].tolist(), axis=1).reset_index(drop=True)
+
+
 def read_yaml(path: Path, what: str) -> Any:
     """A YAML file's content ({} when empty); a missing file or bad YAML is a ``ConfigError``."""
     if not path.is_file():

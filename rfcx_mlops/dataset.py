@@ -27,7 +27,7 @@ import pandas as pd
 
 from rfcx_mlops import cli
 from rfcx_mlops.audio import AUDIO_SUFFIXES, AudioError, AudioInfo, probe
-from rfcx_mlops.config import Config, ConfigError, UserError
+from rfcx_mlops.config import Config, ConfigError, UserError, read_csv
 from rfcx_mlops.detect import RavenError, read_raven
 
 log = logging.getLogger("rfcx_mlops.dataset")
@@ -299,10 +299,7 @@ def species_names(data_dir: Path) -> dict[int, str]:
 
 
 def _read_species_map(path: Path) -> pd.DataFrame:
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not a readable CSV ({str(exc).strip()})") from None
+    table = read_csv(path, DataError)
     if not {"species_id", "name"} <= set(table.columns):
         raise DataError(f"{path}: needs the columns species_id and name; it has {', '.join(table.columns)}")
     ids = pd.to_numeric(table["species_id"], errors="coerce")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rfcx_mlops.config import ConfigError, DetectConfig
+from rfcx_mlops.config import ConfigError, DetectConfig, read_csv
 
 DETECTION_COLUMNS = ["recording_id", "species_id", "t_start", "t_end", "f_low", "f_high", "score"]
 RAVEN_COLUMNS = ["Selection", "View", "Channel", "Begin Time (s)", "End Time (s)", "Low Freq (Hz)",
@@ -71,10 +71,7 @@ def thresholds(cfg: DetectConfig, n_classes: int) -> np.ndarray:
     path = Path(cfg.thresholds_file)
     if not path.is_file():
         raise ConfigError(f"detect.thresholds_file: {path} is not a file")
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not a readable CSV ({str(exc).strip()})") from None
+    table = read_csv(path)
     if list(table.columns) != ["species_id", "threshold"]:
         raise ConfigError(f"{path}: the header must be species_id,threshold; got {','.join(table.columns)}")
     seen = set()

@@ -192,7 +192,7 @@ def _new_run(cfg: Config, fold: int, data: dataset.Dataset, assigned: pd.Series,
     if data.demo:
         log.info("training on the built-in demo data set (%s); tag demo_data=True", data.data_dir)
     mlflow.log_artifact(str(folds.write_csv(data.tp, assigned, folder / "folds.csv")))
-    _log_species(cfg, data, folder)
+    _log_species(cfg, data)
     _augmentation_grid(cfg, train_batches.samples, data.recordings)
     with precision_and_devices(cfg):
         model = build(cfg, len(train_batches))
@@ -204,11 +204,9 @@ def _species(cfg: Config, data: dataset.Dataset) -> pd.DataFrame:
                                 dataset.species_names(data.data_dir))
 
 
-def _log_species(cfg: Config, data: dataset.Dataset, folder: Path) -> None:
+def _log_species(cfg: Config, data: dataset.Dataset) -> None:
     """species.csv: what predict names and bands its detections with (names from the data folder's species.csv)."""
-    path = folder / detect.SPECIES_FILE
-    _species(cfg, data).to_csv(path, index=False)
-    mlflow.log_artifact(str(path))
+    mlflow.log_text(_species(cfg, data).to_csv(index=False), detect.SPECIES_FILE)
 
 
 PICTURED = 3  # validation recordings a run draws at its best epoch, as predict --plots draws them
@@ -318,8 +316,7 @@ def train_cv(cfg: Config, *, tags: dict[str, str] | None = None) -> tuple[str, l
     data = dataset.prepare(cfg)  # loaded and checked once, for every fold
     with tracking.tracked_run(run_name=f"{cfg.name}-cv") as parent:
         tracking.log_config(cfg)
-        with tempfile.TemporaryDirectory(prefix="rfcx-cv-") as tmp:
-            _log_species(cfg, data, Path(tmp))
+        _log_species(cfg, data)
         mlflow.set_tags({"mlflow.runName": f"{cfg.name}-cv", "cv": "true", "fold": "all", "preset": cfg.name,
                          "git_commit": tracking.git_commit(), "data_dir": str(data.data_dir.resolve()),
                          "demo_data": data.demo, **(tags or {})})

@@ -122,7 +122,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> int:
     if args.data_dir:
         recordings(Path(args.data_dir), n_classes=None)  # a bad folder is refused before the models load
-    if args.thresholds is not None and args.thresholds and not Path(args.thresholds).is_file():
+    if args.thresholds and not Path(args.thresholds).is_file():
         raise PredictError(f"--thresholds: {args.thresholds} is not a file")
     serve = cli.import_quietly("rfcx_mlops.serve", args.verbose)
     from mlflow.tracking import MlflowClient  # loaded with the models above

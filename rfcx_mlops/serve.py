@@ -97,13 +97,13 @@ class Scorer:
         of each step within the windows, crop / steps seconds long."""
         x, starts = self.inputs(y), self.starts(y)
         windows = self.window_scores(x)
+        scores = windows.max(axis=1).mean(axis=0)
         if self.frame_models is None:
-            return windows.max(axis=1).mean(axis=0), detect.timeline(starts, self.crop, windows.mean(axis=0))
+            return scores, detect.timeline(starts, self.crop, windows.mean(axis=0))
         steps = np.mean([np.asarray(m.predict_on_batch(x)) for m in self.frame_models], axis=0)  # (windows, steps, n)
         step = self.crop / steps.shape[1]
         step_starts = (starts[:, None] + step * np.arange(steps.shape[1])).ravel()
-        line = detect.timeline(step_starts, step, steps.reshape(-1, steps.shape[2]))
-        return windows.max(axis=1).mean(axis=0), line
+        return scores, detect.timeline(step_starts, step, steps.reshape(-1, steps.shape[2]))
 
     def window_scores(self, x: np.ndarray) -> np.ndarray:
         """(models, windows, n_classes): each model's scores of each window (``inputs``)."""
