@@ -103,6 +103,9 @@ class ModelConfig:
     unknown_weight: float = 0.0  # masked: the weight of the unknown entries, as absent (0: ignored)
     weights: str = "none"  # none | imagenet | a .weights.h5 file of the ResNet50 backbone (3-channel input)
     head: str = "pooled"  # pooled: the seed's | attention: per-step scores pooled over time (finer detections)
+    # attention: the weight of a second loss, on each species' highest step score, which teaches the steps
+    # themselves (0: the pooled clip score alone)
+    step_loss_weight: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -176,7 +179,7 @@ _NON_NEGATIVE = (
     "augment.max_semitones", "augment.max_shift_seconds", "augment.max_volume_db", "augment.time_masks",
     "augment.freq_masks", "train.warmup_epochs", "train.workers", "train.steps_per_epoch", "train.fp_windows",
     "train.random_windows", "train.recording_eval_every", "train.recording_hop_seconds",
-    "detect.min_gap_seconds",
+    "detect.min_gap_seconds", "model.step_loss_weight",
 )
 
 

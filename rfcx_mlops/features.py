@@ -189,7 +189,7 @@ class MelFrontEnd(keras.layers.Layer):
     """TFMelFeatures as the model's first layer (``features.backend: tensorflow``).
 
     Takes ``(batch, samples)`` audio and gives ``(batch, n_mels, frames, 1)`` images, always
-    in float32.  It knows nothing of augmentation: ``model.Augmented`` adds that for training.
+    in float32.  It knows nothing of augmentation: ``model.Training`` adds that for training.
     """
 
     def __init__(self, features: dict, sample_rate: int, **kwargs):

@@ -260,7 +260,7 @@ class WaveformBatches(Batches):
 
     Training with augmentation: ``{"audio", "semitones", "gain_db", "mel_kept", "frames_kept"}``, the windows after the
     waveform-domain augmentations (noise, time shift) and each one's spectrogram-domain draw:
-    the gain per STFT frame and the masks (what ``model.Augmented`` applies).  Otherwise (validation): the
+    the gain per STFT frame and the masks (what ``model.Training`` applies).  Otherwise (validation): the
     windows as ``(batch, samples)`` audio, what the saved model takes.
     """
 

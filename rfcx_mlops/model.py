@@ -1,5 +1,5 @@
-"""ResNet50 (random, ImageNet's or a file's weights) with the seed's classification head, built from the config;
-the wrapper that trains it on augmented images made in the model."""
+"""ResNet50 (random, ImageNet's or a file's weights) with the seed's classification head or an attention head,
+built from the config; the wrapper that trains it where training needs more than the saved model holds."""
 
 from __future__ import annotations
 
@@ -127,19 +127,22 @@ def _backbone(cfg: Config, images) -> keras.Model:
         raise ConfigError(f"model.weights: {weights} does not hold ResNet50 backbone weights ({reason})") from None
 
 
-def _compiled(cfg: Config) -> dict:
+def _loss(cfg: Config) -> keras.losses.Loss:
     if cfg.model.loss == "masked":
-        loss = MaskedBinaryCrossentropy(cfg.model.unknown_weight)
-    else:
-        loss = "categorical_crossentropy" if cfg.model.activation == "softmax" else "binary_crossentropy"
-    return {"loss": loss, "metrics": [StreamingLWLRAP(cfg.data.n_classes)]}
+        return MaskedBinaryCrossentropy(cfg.model.unknown_weight)
+    if cfg.model.activation == "softmax":
+        return keras.losses.CategoricalCrossentropy()
+    return keras.losses.BinaryCrossentropy()
+
+
+def _compiled(cfg: Config) -> dict:
+    return {"loss": _loss(cfg), "metrics": [StreamingLWLRAP(cfg.data.n_classes)]}
 
 
 def frame_model(model: keras.Model) -> keras.Model | None:
     """A model sharing ``model``'s layers that gives its per-step scores, (batch, steps, n_classes), from its
     input; None for a pooled head."""
-    nested = {layer.name: layer for layer in model.layers}.get("classifier")
-    classifier = nested if isinstance(nested, keras.Model) else model
+    classifier = _classifier_of(model)
     if FRAME_SCORES not in {layer.name for layer in classifier.layers}:
         return None
     frames = keras.Model(classifier.input, classifier.get_layer(FRAME_SCORES).output)
@@ -149,36 +152,73 @@ def frame_model(model: keras.Model) -> keras.Model | None:
     return keras.Model(audio, frames(model.get_layer("mel")(audio)))
 
 
+def _classifier_of(model: keras.Model) -> keras.Model:
+    """The part of ``model`` that takes images: its nested ``classifier`` (``features.backend: tensorflow``), or itself."""
+    nested = {layer.name: layer for layer in model.layers}.get("classifier")
+    return nested if isinstance(nested, keras.Model) else model
+
+
 def for_training(model: keras.Model, cfg: Config) -> keras.Model:
-    """The model ``fit`` trains: ``model`` itself, or, with ``features.backend: tensorflow`` and
-    augmentation, an ``Augmented`` wrapper sharing its weights and optimizer."""
-    if cfg.features.backend != "tensorflow" or not cfg.augment.enabled:
+    """The model ``fit`` trains: ``model`` itself, or a ``Training`` wrapper sharing its weights and optimizer
+    where training needs what the saved model must not carry (images augmented in the model, a loss on steps)."""
+    augmented = cfg.features.backend == "tensorflow" and cfg.augment.enabled
+    step_loss_weight = cfg.model.step_loss_weight if cfg.model.head == "attention" else 0.0
+    if not augmented and not step_loss_weight:
         return model
-    wrapper = Augmented(model, TFMelFeatures(cfg.features, cfg.data.sample_rate, cfg.augment.max_semitones))
+    mel = TFMelFeatures(cfg.features, cfg.data.sample_rate, cfg.augment.max_semitones) if augmented else None
+    wrapper = Training(model, mel, step_loss_weight, _loss(cfg))
     wrapper.compile(optimizer=model.optimizer, **_compiled(cfg))
     return wrapper
 
 
-class Augmented(keras.Model):
-    """Trains ``model``'s classifier on images that carry each sample's spectrogram-domain draw.
+class Training(keras.Model):
+    """Trains ``model`` with what only training needs; the wrapper itself is never saved.
 
-    Training batches are ``{"audio", "semitones" (batch,), "gain_db" (batch, STFT frames),
-    "mel_kept" (batch, n_mels), "frames_kept" (batch, frames)}`` (``generator.WaveformBatches``); validation batches are audio, which go through ``model``
-    unchanged.  So the augmentation never becomes part of ``model``: what is saved, resumed
-    and served takes audio only.  The wrapper itself is never saved.
+    - ``mel`` (``features.backend: tensorflow`` with augmentation): training batches are
+      ``{"audio", "semitones" (batch,), "gain_db" (batch, STFT frames), "mel_kept" (batch, n_mels),
+      "frames_kept" (batch, frames)}`` (``generator.WaveformBatches``), made into images that carry each
+      sample's spectrogram-domain draw before ``model``'s classifier.  Validation batches are audio, which go
+      through ``model`` unchanged.  So the augmentation never becomes part of ``model``: what is saved, resumed
+      and served takes audio only.
+    - ``step_loss_weight`` (the attention head): the loss adds, with this weight, ``step_loss`` on each
+      species' highest step score.  The pooled clip score alone leaves a step the pooling weighs little
+      with whatever score it drifts to; this term holds every step of an absent species down, and lifts
+      at least one step of a present one.
     """
 
-    def __init__(self, model: keras.Model, mel: TFMelFeatures):
-        super().__init__(name="augmented")
+    def __init__(self, model: keras.Model, mel: TFMelFeatures | None, step_loss_weight: float,
+                 step_loss: keras.losses.Loss):
+        super().__init__(name="training")
         self.inference = model
         self.mel = mel
+        self.classifier = _classifier_of(model)
+        self.step_loss_weight, self.step_loss = step_loss_weight, step_loss
+        self.with_steps = None
+        if step_loss_weight:  # one pass gives both: the same layers, two outputs
+            self.with_steps = keras.Model(self.classifier.input, [self.classifier.output,
+                                                                  self.classifier.get_layer(FRAME_SCORES).output])
 
     def call(self, inputs, training=False):
-        if not isinstance(inputs, dict):
+        if isinstance(inputs, dict):
+            images = self.mel(inputs["audio"], inputs["semitones"], inputs["gain_db"], inputs["mel_kept"],
+                              inputs["frames_kept"])[..., None]
+        elif self.with_steps is None:
             return self.inference(inputs, training=training)
-        images = self.mel(inputs["audio"], inputs["semitones"], inputs["gain_db"], inputs["mel_kept"],
-                          inputs["frames_kept"])[..., None]
-        return self.inference.get_layer("classifier")(images, training=training)
+        else:
+            images = inputs if self.classifier is self.inference else self.inference.get_layer("mel")(inputs)
+        net = self.classifier if self.with_steps is None else self.with_steps
+        return net(images, training=training)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        if self.with_steps is None:
+            return super().compute_loss(x, y, y_pred, sample_weight, training)
+        clip, steps = y_pred
+        highest = keras.ops.max(steps, axis=1)
+        return (super().compute_loss(x, y, clip, sample_weight, training)
+                + self.step_loss_weight * self.step_loss(y, highest, sample_weight))
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        return super().compute_metrics(x, y, y_pred if self.with_steps is None else y_pred[0], sample_weight)
 
 
 def weights_only(model: keras.Model, weights: list) -> keras.Model:

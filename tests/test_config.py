@@ -81,6 +81,7 @@ def test_overrides_and_round_trip(tmp_path):
         ({"model.loss": "masked"}, "model.loss: masked needs model.activation: sigmoid"),
         ({"model.head": "sed"}, "model.head must be one of pooled, attention"),
         ({"model.head": "attention"}, "model.head: attention needs model.activation: sigmoid"),
+        ({"model.step_loss_weight": -0.5}, "model.step_loss_weight must be >= 0"),
         ({"detect.threshold": 1.5}, "detect.threshold must be within [0, 1]"),
         ({"detect.min_gap_seconds": -1.0}, "detect.min_gap_seconds must be >= 0"),
         ({"train.fp_windows": -1.0}, "train.fp_windows must be >= 0"),

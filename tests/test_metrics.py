@@ -72,7 +72,7 @@ def test_sigmoid_outputs_train_with_binary_cross_entropy():
     cfg = config.load(None, {"model.activation": "sigmoid", "features.n_mels": 32, "features.frames": 32,
                              "model.dense_units": 8})
     model = build(cfg, steps_per_epoch=1)
-    assert model.loss == "binary_crossentropy" and model.get_layer("species").activation.__name__ == "sigmoid"
+    assert isinstance(model.loss, keras.losses.BinaryCrossentropy) and model.get_layer("species").activation.__name__ == "sigmoid"
     scores = np.asarray(model(np.random.default_rng(0).random((2, 32, 32, 1), np.float32)))
     assert scores.shape == (2, 24) and not np.allclose(scores.sum(axis=1), 1.0)  # independent per species
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from rfcx_mlops import config
-from rfcx_mlops.model import Augmented, build, for_training, frame_model
+from rfcx_mlops.model import Training, build, for_training, frame_model
 
 TINY = Path(__file__).resolve().parent / "tiny.yaml"
 
@@ -20,7 +20,7 @@ def test_the_training_wrapper_shares_weights_and_optimizer_and_resumes_from_the_
     keras.utils.set_random_seed(0)
     model = build(cfg, steps_per_epoch=1)
     wrapper = for_training(model, cfg)
-    assert isinstance(wrapper, Augmented) and wrapper.optimizer is model.optimizer
+    assert isinstance(wrapper, Training) and wrapper.optimizer is model.optimizer
     assert [id(v) for v in wrapper.trainable_variables] == [id(v) for v in model.trainable_variables]
     rng = np.random.default_rng(0)
     n, frames = cfg.data.window_samples, 1 + cfg.data.window_samples // cfg.features.hop_length
@@ -96,3 +96,34 @@ def test_the_attention_head_pools_its_steps_scores_by_learned_weights(backend):
     weights = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     np.testing.assert_allclose(clip, (weights * frames).sum(axis=1), atol=1e-5)
     assert frame_model(build(config.load(TINY), 1)) is None  # the pooled head has no steps
+
+
+@pytest.mark.parametrize("backend", ["numpy", "tensorflow"])
+def test_the_attention_head_trains_on_its_clip_score_and_its_highest_step(backend):
+    """The loss is the clip score's binary cross-entropy plus step_loss_weight times that of each species'
+    highest step; the saved model keeps one output, the clip score."""
+    cfg = config.load(TINY, {"model.activation": "sigmoid", "model.head": "attention", "features.backend": backend,
+                             "model.step_loss_weight": 0.7})
+    keras.utils.set_random_seed(0)
+    model = build(cfg, 1)
+    wrapper = for_training(model, cfg)
+    assert isinstance(wrapper, Training) and wrapper.optimizer is model.optimizer
+    rng = np.random.default_rng(0)
+    x = (rng.normal(0, 0.1, size=(4, cfg.data.window_samples)) if backend == "tensorflow"
+         else rng.normal(size=(4, cfg.features.n_mels, cfg.features.frames, 1))).astype("float32")
+    y = np.eye(24, dtype="float32")[[0, 3, 3, 7]]
+
+    def bce(p):
+        p = np.clip(p, 1e-7, 1 - 1e-7)
+        return -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))
+
+    clip, steps = np.asarray(model.predict_on_batch(x)), np.asarray(frame_model(model).predict_on_batch(x))
+    loss = wrapper.evaluate(x, y, verbose=0, return_dict=True)["loss"]
+    assert loss == pytest.approx(bce(clip) + 0.7 * bce(steps.max(axis=1)), rel=1e-4)
+    assert loss > bce(clip) + 0.1  # the steps' term is there
+    if backend == "numpy":  # images in: the same pass trains
+        wrapper.fit(x, y, epochs=1, verbose=0)
+        assert not np.allclose(model.predict_on_batch(x), clip)
+    unweighted = config.load(TINY, {"model.activation": "sigmoid", "model.head": "attention",
+                                    "model.step_loss_weight": 0})
+    assert for_training(no_steps := build(unweighted, 1), unweighted) is no_steps
