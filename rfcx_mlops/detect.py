@@ -1,4 +1,5 @@
-"""Where and when: species events from scores over time, Raven Pro selection tables, event-level scores.
+"""Where and when: species events from scores over time, Raven Pro selection tables and Audacity label tracks,
+event-level scores.
 
 A recording's ``Timeline`` holds its species scores over time: each stretch between window
 edges gets, per species, the lowest score of the windows that contain it all, so a call lights
@@ -24,6 +25,7 @@ RAVEN_COLUMNS = ["Selection", "View", "Channel", "Begin Time (s)", "End Time (s)
                  "High Freq (Hz)", "Species", "Score"]
 SPECIES_FILE = "species.csv"  # a run's species: id, name, frequency band
 RAVEN_SUFFIX = ".Table.1.selections.txt"  # Raven Pro's own name for a recording's first selection table
+AUDACITY_SUFFIX = ".labels.txt"
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,10 @@ def detections(recording_id: str, line: Timeline, thresholds: np.ndarray, min_ga
     return found[DETECTION_COLUMNS]
 
 
+def _name(names: dict[int, str], species) -> str:
+    return names.get(int(species), f"s{int(species)}")
+
+
 def write_raven(rows: pd.DataFrame, path: Path, names: dict[int, str] | None = None) -> Path:
     """One recording's detections as a Raven Pro selection table (tab-separated, Raven's column names)."""
     names = names or {}
@@ -115,8 +121,19 @@ def write_raven(rows: pd.DataFrame, path: Path, names: dict[int, str] | None = N
         out.writerow(RAVEN_COLUMNS)
         for selection, row in enumerate(rows.itertuples(index=False), 1):
             out.writerow([selection, "Spectrogram 1", 1, f"{row.t_start:.6f}", f"{row.t_end:.6f}", f"{row.f_low:.3f}",
-                          f"{row.f_high:.3f}", names.get(int(row.species_id), f"s{int(row.species_id)}"),
-                          f"{row.score:.6f}"])
+                          f"{row.f_high:.3f}", _name(names, row.species_id), f"{row.score:.6f}"])
+    return path
+
+
+def write_audacity(rows: pd.DataFrame, path: Path, names: dict[int, str] | None = None) -> Path:
+    """One recording's detections as an Audacity label track: a region label per detection ("name score"),
+    followed by its band on a ``\\`` line (Audacity's format with frequency ranges, which its spectrogram
+    view shows as a spectral selection)."""
+    names = names or {}
+    with open(path, "w", newline="") as fh:
+        for row in rows.itertuples(index=False):
+            fh.write(f"{row.t_start:.6f}\t{row.t_end:.6f}\t{_name(names, row.species_id)} {row.score:.2f}\n"
+                     f"\\\t{row.f_low:.3f}\t{row.f_high:.3f}\n")
     return path
 
 

@@ -113,6 +113,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="join a species' detections closer than this (default: the run's detect.min_gap_seconds)")
     p.add_argument("--raven", default="", metavar="DIR",
                    help="also write one Raven Pro selection table per recording into DIR")
+    p.add_argument("--audacity", default="", metavar="DIR",
+                   help="also write one Audacity label track per recording into DIR")
     p.add_argument("--plots", default="", metavar="DIR",
                    help="also draw each recording into DIR: its spectrogram with the detections, its top species' scores")
     cli.add_verbose(p)
@@ -124,6 +126,9 @@ def run(args: argparse.Namespace) -> int:
         recordings(Path(args.data_dir), n_classes=None)  # a bad folder is refused before the models load
     if args.thresholds and not Path(args.thresholds).is_file():
         raise PredictError(f"--thresholds: {args.thresholds} is not a file")
+    for flag, folder in (("--raven", args.raven), ("--audacity", args.audacity), ("--plots", args.plots)):
+        if folder and Path(folder).exists() and not Path(folder).is_dir():
+            raise PredictError(f"{flag}: {folder} is a file, not a folder")
     serve = cli.import_quietly("rfcx_mlops.serve", args.verbose)
     from mlflow.tracking import MlflowClient  # loaded with the models above
 
@@ -156,13 +161,17 @@ def run(args: argparse.Namespace) -> int:
           f"in {found['recording_id'].nunique()} recordings (threshold {_threshold_text(settings)}, "
           f"gaps under {settings.min_gap_seconds:g} s joined)")
     names = dict(zip(species["species_id"], species["name"]))
-    if args.raven:
-        folder = Path(args.raven)
+    for where, write, suffix, artifacts, what in (
+            (args.raven, detect.write_raven, detect.RAVEN_SUFFIX, "raven", "Raven selection tables"),
+            (args.audacity, detect.write_audacity, detect.AUDACITY_SUFFIX, "audacity", "Audacity label tracks")):
+        if not where:
+            continue
+        folder = Path(where)
         folder.mkdir(parents=True, exist_ok=True)
         for rid in scored.timelines:
-            detect.write_raven(found[found["recording_id"] == rid], folder / f"{rid}{detect.RAVEN_SUFFIX}", names)
-        client.log_artifacts(args.run_id, str(folder), "raven")
-        print(f"wrote {len(scored.timelines)} Raven selection tables into {folder}")
+            write(found[found["recording_id"] == rid], folder / f"{rid}{suffix}", names)
+        client.log_artifacts(args.run_id, str(folder), artifacts)
+        print(f"wrote {len(scored.timelines)} {what} into {folder}")
     if args.plots:
         folder = Path(args.plots)
         folder.mkdir(parents=True, exist_ok=True)

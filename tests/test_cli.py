@@ -166,3 +166,4 @@ def test_the_readme_commands_that_need_no_training_run_as_written(cv_run, tiny_d
     assert sorted(set(ran)) == ["rfcx_mlops.dataset", "rfcx_mlops.predict", "rfcx_mlops.report"]
     assert (tmp_path / "submission.csv").is_file() and (tmp_path / "runs.csv").is_file()
     assert (tmp_path / "out" / "detections.csv").is_file() and (tmp_path / "my-data" / "species.csv").is_file()
+    assert any((tmp_path / "out" / "audacity").iterdir()) and any((tmp_path / "out" / "raven").iterdir())

@@ -73,6 +73,15 @@ def test_a_written_selection_table_reads_back_into_the_same_boxes(tmp_path):
     np.testing.assert_allclose(back[["t_start", "t_end", "f_low", "f_high"]], rows[["t_start", "t_end", "f_low", "f_high"]])
 
 
+def test_an_audacity_label_track_holds_each_detection_and_its_band(tmp_path):
+    rows = pd.DataFrame({"recording_id": "rec", "species_id": [3, 12], "t_start": [1.25, 40.0], "t_end": [3.75, 42.5],
+                         "f_low": [562.5, 2531.25], "f_high": [3281.25, 10687.5], "score": [0.914, 0.55]})
+    path = detect.write_audacity(rows, tmp_path / f"rec{detect.AUDACITY_SUFFIX}", {3: "Eleutherodactylus"})
+    assert path.read_text() == ("1.250000\t3.750000\tEleutherodactylus 0.91\n\\\t562.500\t3281.250\n"
+                                "40.000000\t42.500000\ts12 0.55\n\\\t2531.250\t10687.500\n")
+    assert detect.write_audacity(rows.iloc[:0], tmp_path / "none.txt").read_text() == ""
+
+
 def _table(tmp_path, text):
     path = tmp_path / "t.txt"
     path.write_text(text.replace("|", "\t"))

@@ -112,7 +112,7 @@ def test_detections_raven_tables_and_event_scores(cv_run, cv_tracking, tiny_data
     # a tiny model's scores are low: a threshold that its top tenth of recording scores reach
     threshold = round(float(np.quantile(pd.read_csv("first.csv").drop(columns="recording_id"), 0.9)), 3)
     code, out, _ = run_predict(capsys, "--run-id", fold, "--out", "out/sub.csv", "--raven", "raven", "--hop", "1.25",
-                               "--threshold", str(threshold))
+                               "--threshold", str(threshold), "--audacity", "audacity")
     assert code == 0
     found = pd.read_csv("out/detections.csv")
     assert list(found.columns) == detect.DETECTION_COLUMNS and len(found) > 0
@@ -140,6 +140,16 @@ def test_detections_raven_tables_and_event_scores(cv_run, cv_tracking, tiny_data
                                    rows[["t_start", "t_end", "f_low", "f_high"]].to_numpy(), atol=1e-3)
         assert back["label"].tolist() == [f"s{k}" for k in rows["species_id"]]
 
+    # the same boxes in Audacity's label tracks: a region label, then its band
+    assert sorted(p.name for p in Path("audacity").iterdir()) == sorted(f"{rid}{detect.AUDACITY_SUFFIX}" for rid in ids)
+    for rid, rows in found.groupby("recording_id"):
+        lines = [line.split("\t") for line in (Path("audacity") / f"{rid}{detect.AUDACITY_SUFFIX}").read_text().splitlines()]
+        assert [line[0] for line in lines[1::2]] == ["\\"] * len(rows)
+        np.testing.assert_allclose([[float(a), float(b), float(lo), float(hi)] for (a, b, _), (_, lo, hi) in
+                                    zip(lines[::2], lines[1::2])],
+                                   rows[["t_start", "t_end", "f_low", "f_high"]].to_numpy(), atol=1e-3)
+        assert [label for _, _, label in lines[::2]] == [f"s{k} {v:.2f}" for k, v in zip(rows["species_id"], rows["score"])]
+
     # and through import-raven into a data folder holding the same boxes as train_tp.csv rows
     from rfcx_mlops import dataset
     species_map = tmp_path / "species.csv"
@@ -164,7 +174,7 @@ def test_detections_raven_tables_and_event_scores(cv_run, cv_tracking, tiny_data
     run = cv_tracking.get_run(fold)
     assert run.data.metrics["event_recall"] == pytest.approx(hit / len(calls))
     logged = {a.path for a in cv_tracking.list_artifacts(fold)}
-    assert {"detections.csv", "event_scores.csv", "raven", "species.csv"} <= logged
+    assert {"detections.csv", "event_scores.csv", "raven", "audacity", "species.csv"} <= logged
 
 
 def test_a_folder_of_audio_with_an_unreadable_file(cv_run, cv_tracking, capsys, tmp_path):
@@ -215,6 +225,7 @@ def test_bad_input_is_one_line(cv_run, cv_tracking, capsys, tmp_path, tiny_data)
         (["--run-id", fold, "--threshold", "1.5"], "argument --threshold: expected a number within [0, 1]; got '1.5'"),
         (["--run-id", fold, "--min-gap", "-1"], "argument --min-gap: expected seconds >= 0; got '-1'"),
         (["--run-id", fold, "--thresholds", "none.csv"], "--thresholds: none.csv is not a file"),
+        (["--run-id", fold, "--audacity", str(thresholds)], f"--audacity: {thresholds} is a file, not a folder"),
         (["--run-id", fold, "--thresholds", str(thresholds)],
          f"{thresholds} line 3: species_id must be a new id within 0..23 and threshold within [0, 1]; got 3,0.6"),
     ]
