@@ -90,14 +90,17 @@ def thresholds(cfg: DetectConfig, n_classes: int) -> np.ndarray:
     return out
 
 
+def _name(names: dict[int, str], species) -> str:
+    return names.get(int(species), f"s{int(species)}")
+
+
 def species_table(tp: pd.DataFrame, n_classes: int, fmin: float, fmax: float,
                   names: dict[int, str] | None = None) -> pd.DataFrame:
     """What a run records of its species (``SPECIES_FILE``): species_id, name (``names``, else s<id>) and the
     frequency band of its labelled calls (lowest f_min to highest f_max; ``fmin``-``fmax`` without calls)."""
     bands = tp.groupby("species_id").agg(f_low=("f_min", "min"), f_high=("f_max", "max"))
     bands = bands.reindex(range(n_classes)).fillna({"f_low": fmin, "f_high": fmax})
-    names = names or {}
-    bands.insert(0, "name", [names.get(k, f"s{k}") for k in range(n_classes)])
+    bands.insert(0, "name", [_name(names or {}, k) for k in range(n_classes)])
     return bands.rename_axis("species_id").reset_index()
 
 
@@ -107,10 +110,6 @@ def detections(recording_id: str, line: Timeline, thresholds: np.ndarray, min_ga
     found = events(line, thresholds, min_gap).merge(species, on="species_id", how="left")
     found.insert(0, "recording_id", recording_id)
     return found[DETECTION_COLUMNS]
-
-
-def _name(names: dict[int, str], species) -> str:
-    return names.get(int(species), f"s{int(species)}")
 
 
 def write_raven(rows: pd.DataFrame, path: Path, names: dict[int, str] | None = None) -> Path:
@@ -240,10 +239,10 @@ def picture(features, y: np.ndarray, line: Timeline, found: pd.DataFrame, thresh
     for d in found.itertuples(index=False):
         low, high = row(d.f_low), row(d.f_high)
         spec.add_patch(_box(d.t_start, low, d.t_end - d.t_start, high - low, colours[d.species_id]))
-        spec.text(d.t_start, high, f"{names.get(d.species_id, f's{d.species_id}')} {d.score:.2f}",
+        spec.text(d.t_start, high, f"{_name(names, d.species_id)} {d.score:.2f}",
                   color=colours[d.species_id], fontsize=8, va="bottom")
     for k in species[:top]:
-        curves.stairs(line.scores[:, k], line.edges, color=colours[k], label=names.get(k, f"s{k}"))
+        curves.stairs(line.scores[:, k], line.edges, color=colours[k], label=_name(names, k))
         curves.axhline(thresholds[k], color=colours[k], linestyle=":", linewidth=0.8)
     curves.set_ylim(0, 1)
     curves.set_xlim(0, duration)

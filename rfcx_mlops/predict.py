@@ -161,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
           f"in {found['recording_id'].nunique()} recordings (threshold {_threshold_text(settings)}, "
           f"gaps under {settings.min_gap_seconds:g} s joined)")
     names = dict(zip(species["species_id"], species["name"]))
+    by_recording = {rid: found[found["recording_id"] == rid] for rid in scored.timelines}
     for where, write, suffix, artifacts, what in (
             (args.raven, detect.write_raven, detect.RAVEN_SUFFIX, "raven", "Raven selection tables"),
             (args.audacity, detect.write_audacity, detect.AUDACITY_SUFFIX, "audacity", "Audacity label tracks")):
@@ -168,16 +169,16 @@ def run(args: argparse.Namespace) -> int:
             continue
         folder = Path(where)
         folder.mkdir(parents=True, exist_ok=True)
-        for rid in scored.timelines:
-            write(found[found["recording_id"] == rid], folder / f"{rid}{suffix}", names)
+        for rid, rows in by_recording.items():
+            write(rows, folder / f"{rid}{suffix}", names)
         client.log_artifacts(args.run_id, str(folder), artifacts)
         print(f"wrote {len(scored.timelines)} {what} into {folder}")
     if args.plots:
         folder = Path(args.plots)
         folder.mkdir(parents=True, exist_ok=True)
         for rid, line in tqdm(scored.timelines.items(), desc="pictures", unit="rec", file=sys.stderr):
-            fig = detect.picture(scorer.features, scorer.read(files[rid]), line, found[found["recording_id"] == rid],
-                                 thresholds, names, rid)
+            fig = detect.picture(scorer.features, scorer.read(files[rid]), line, by_recording[rid], thresholds, names,
+                                 rid)
             fig.savefig(folder / f"{rid}.png", dpi=100)
         client.log_artifacts(args.run_id, str(folder), "plots")
         print(f"drew {len(scored.timelines)} recordings into {folder}")

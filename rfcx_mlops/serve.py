@@ -90,14 +90,14 @@ class Scorer:
 
     def pooled(self, x: np.ndarray) -> np.ndarray:
         """``scores`` from the windows' model input (``inputs``)."""
-        return self.window_scores(x).max(axis=1).mean(axis=0)
+        return _recording_scores(self.window_scores(x))
 
     def timeline(self, y: np.ndarray) -> tuple[np.ndarray, detect.Timeline]:
         """``scores(y)``, and the scores over time: of each window (the models' mean), or with an attention head
         of each step within the windows, crop / steps seconds long."""
         x, starts = self.inputs(y), self.starts(y)
         windows = self.window_scores(x)
-        scores = windows.max(axis=1).mean(axis=0)
+        scores = _recording_scores(windows)
         if self.frame_models is None:
             return scores, detect.timeline(starts, self.crop, windows.mean(axis=0))
         steps = np.mean([np.asarray(m.predict_on_batch(x)) for m in self.frame_models], axis=0)  # (windows, steps, n)
@@ -112,6 +112,11 @@ class Scorer:
     def read(self, path: str | Path) -> np.ndarray:
         info = audio.probe(path)
         return audio.read_window(info, 0.0, info.duration, self.sample_rate)
+
+
+def _recording_scores(window_scores: np.ndarray) -> np.ndarray:
+    """(models, windows, n_classes) -> (n_classes,): per model the maximum over windows, then the mean over models."""
+    return window_scores.max(axis=1).mean(axis=0)
 
 
 def _refuse(message: str, code=INVALID_PARAMETER_VALUE) -> MlflowException:
