@@ -30,7 +30,7 @@ import keras  # noqa: E402
 from rfcx_mlops import config, dataset, tracking  # noqa: E402
 from rfcx_mlops.config import parse_sets  # noqa: E402
 from rfcx_mlops.generator import make_batches, make_samples, reuse_freed_memory  # noqa: E402
-from rfcx_mlops.model import build, precision_and_devices  # noqa: E402
+from rfcx_mlops.model import build, for_training, precision_and_devices  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,9 +66,10 @@ def main(argv: list[str] | None = None) -> int:
 
     keras.utils.set_random_seed(cfg.seed)
     images_cfg = dataclasses.replace(cfg, features=dataclasses.replace(cfg.features, backend="numpy"))
-    with precision_and_devices(cfg):
-        images_model = build(images_cfg, len(samples) // batch)
-        model = build(cfg, len(samples) // batch) if cfg.features.backend != "numpy" else images_model
+    with precision_and_devices(cfg):  # each trained as fit trains it (the training wrapper where there is one)
+        images_model = for_training(build(images_cfg, len(samples) // batch), images_cfg)
+        model = (for_training(build(cfg, len(samples) // batch), cfg) if cfg.features.backend != "numpy"
+                 else images_model)
     reuse_freed_memory()  # as training does
     batches = make_batches(samples, data.recordings, cfg, training=True, workers=workers)
     x, y = make_batches(samples, data.recordings, images_cfg, training=True)[0]
