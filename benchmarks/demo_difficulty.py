@@ -1,7 +1,7 @@
 """How hard is the demo data set? LWLRAP of chance and of a band-energy rule that ignores call shape.
 
     python benchmarks/demo_difficulty.py                      # builds the default demo set in a temp folder
-    python benchmarks/demo_difficulty.py --data-dir data/demo/n240-seed0
+    python benchmarks/demo_difficulty.py --data-dir data/demo/n480-seed0-v2  # data.demo.cached's set
 
 Samples are the training pipeline's: one 10 s window centred on each train_tp row (clipped to the
 recording); its labels are the species whose TP boxes overlap the window in time. Every rule
@@ -18,10 +18,11 @@ works on the log-mel power minus each mel bin's median over the clip (its steady
 - test: the rules on whole test recordings (60 s) against test_labels.csv
 
 All of these know only where sound energy sits in frequency; the species differ by call pattern.
-For reference (default set, seed 27): a small 4-block CNN trained from scratch on 5 s log-mel crops
-(64 mels, random time shifts) of 4/5 of the recordings scored LWLRAP 0.90-0.92 on the 57 held-out
-windows from epoch 5 on (the short calls of species 0, 13 and 14 are the hardest), against
-0.31-0.47 for the rules and 0.64 for the band profile; with 960 recordings it reached 0.97-0.99.
+For reference (default set, seed 27, demo data of GENERATOR_VERSION 1): a small 4-block CNN
+trained from scratch on 5 s log-mel crops (64 mels, random time shifts) of 4/5 of the recordings
+scored LWLRAP 0.90-0.92 on the 57 held-out windows from epoch 5 on (the short calls of species 0,
+13 and 14 are the hardest), against 0.31-0.47 for the rules and 0.64 for the band profile; with
+960 recordings it reached 0.97-0.99.
 """
 
 from __future__ import annotations
@@ -42,10 +43,10 @@ from sklearn.model_selection import GroupKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # rfcx_mlops.metrics loads Keras: keep its start-up chatter short
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # rfcx_mlops.learn.metrics loads Keras: keep its start-up chatter short
 
-from rfcx_mlops import synth  # noqa: E402
-from rfcx_mlops.metrics import lwlrap  # noqa: E402
+from rfcx_mlops.data import demo  # noqa: E402
+from rfcx_mlops.learn.metrics import lwlrap  # noqa: E402
 
 WINDOW_S = 10.0
 N_MELS, N_FFT, HOP, FMIN, FMAX = 128, 2048, 512, 84.0, 15056.0
@@ -61,7 +62,7 @@ def _species_bins() -> list[list[np.ndarray]]:
     """Per species, per box: the mel bins whose centre frequency lies inside the box."""
     centres = librosa.mel_frequencies(n_mels=N_MELS + 2, fmin=FMIN, fmax=FMAX)[1:-1]
     out = []
-    for facts in synth.SPECIES_FACTS:
+    for facts in demo.SPECIES_FACTS:
         boxes = []
         for box in facts.boxes:
             idx = np.flatnonzero((centres >= box.f_min) & (centres <= box.f_max))
@@ -112,7 +113,7 @@ def window_samples(data_dir: Path) -> tuple[list[tuple[str, float]], np.ndarray,
         start = float(np.clip(0.5 * (row.t_min + row.t_max) - WINDOW_S / 2, 0.0, max(0.0, duration - WINDOW_S)))
         same = tp[tp.recording_id == row.recording_id]
         inside = same[(same.t_min < start + WINDOW_S) & (same.t_max > start)]
-        y = np.zeros(synth.N_SPECIES)
+        y = np.zeros(demo.N_SPECIES)
         y[inside.species_id.to_numpy()] = 1
         windows.append((row.recording_id, start))
         labels.append(y)
@@ -124,14 +125,14 @@ def learned_profile(features: np.ndarray, species: np.ndarray, groups: list[str]
     model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
     cv = GroupKFold(n_splits=min(5, len(set(groups))))
     proba = cross_val_predict(model, features, species, groups=groups, cv=cv, method="predict_proba")
-    scores = np.zeros((len(species), synth.N_SPECIES))
+    scores = np.zeros((len(species), demo.N_SPECIES))
     scores[:, np.unique(species)] = proba
     return scores
 
 
 def evaluate(data_dir: Path, chance_seeds: int = 10) -> dict[str, float]:
     """LWLRAP of chance, the band rules and a learned band profile on windows and on test recordings."""
-    sr = synth.SAMPLE_RATE
+    sr = demo.SAMPLE_RATE
     bins = _species_bins()
     windows, y_win, species = window_samples(data_dir)
     rules: dict[str, list[np.ndarray]] = {}
@@ -152,7 +153,7 @@ def evaluate(data_dir: Path, chance_seeds: int = 10) -> dict[str, float]:
         y_win, learned_profile(np.array(profiles), species, [rid for rid, _ in windows])
     )
     labels = pd.read_csv(data_dir / "test_labels.csv")
-    y_test = labels[[f"s{k}" for k in range(synth.N_SPECIES)]].to_numpy()
+    y_test = labels[[f"s{k}" for k in range(demo.N_SPECIES)]].to_numpy()
     test_rules: dict[str, list[np.ndarray]] = {}
     for rid in labels.recording_id:
         audio, file_sr = sf.read(str(data_dir / "test" / f"{rid}.flac"), dtype="float32")
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         data_dir = args.data_dir
         if data_dir is None:
             started = time.perf_counter()
-            data_dir = synth.build(Path(tmp) / "demo", recordings=args.recordings, seed=args.seed)
+            data_dir = demo.build(Path(tmp) / "demo", recordings=args.recordings, seed=args.seed)
             print(f"built the demo set ({args.recordings} train recordings, seed {args.seed}) "
                   f"in {time.perf_counter() - started:.1f} s")
         started = time.perf_counter()

@@ -39,8 +39,9 @@ import numpy as np  # noqa: E402
 from skimage.transform import resize  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
-from rfcx_mlops import augment, config, dataset  # noqa: E402
-from rfcx_mlops.generator import SpectrogramBatches, make_samples, reuse_freed_memory  # noqa: E402
+from rfcx_mlops import config  # noqa: E402
+from rfcx_mlops.learn import augment  # noqa: E402
+from rfcx_mlops.learn.batches import SpectrogramBatches, make_samples, reuse_freed_memory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # The notebook ran librosa 0.8, whose pitch_shift resampled with resampy's kaiser_best; librosa 0.10
@@ -184,9 +185,11 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the notebook's resampler needs resampy: pip install -e '.[bench]'", file=sys.stderr)
         return 2
 
+    from rfcx_mlops.jobs.fit import prepare  # MLflow and the rest of training: not in the reference's processes
+
     overrides = {"data.data_dir": args.data_dir} if args.data_dir else {}
     cfg = config.load(args.config, overrides)
-    data = dataset.prepare(cfg)
+    data = prepare(cfg)
     tp = data.tp.iloc[: args.samples]
     rows = [(str(data.recordings[r.recording_id].path), r.t_min, r.t_max) for r in tp.itertuples()]
     batch = cfg.train.batch_size

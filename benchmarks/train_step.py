@@ -27,10 +27,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up
 
 import keras  # noqa: E402
 
-from rfcx_mlops import config, dataset, tracking  # noqa: E402
+from rfcx_mlops import config  # noqa: E402
 from rfcx_mlops.config import parse_sets  # noqa: E402
-from rfcx_mlops.generator import make_batches, make_samples, reuse_freed_memory  # noqa: E402
-from rfcx_mlops.model import build, for_training, precision_and_devices  # noqa: E402
+from rfcx_mlops.jobs.fit import prepare  # noqa: E402
+from rfcx_mlops.learn.batches import make_batches, make_samples, reuse_freed_memory  # noqa: E402
+from rfcx_mlops.learn.model import build, for_training, precision_and_devices  # noqa: E402
+from rfcx_mlops.track import runs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,13 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {**({"data.data_dir": args.data_dir} if args.data_dir else {}), **parse_sets(args.set),
                  "train.steps_per_epoch": args.warmup + args.steps}
     cfg = config.load(args.config, overrides)
-    data = dataset.prepare(cfg)
+    data = prepare(cfg)
     samples = make_samples(data.tp, data.recordings, cfg.data.crop_seconds, cfg.data.n_classes)
     workers = cfg.train.workers or os.cpu_count() or 1
     batch = cfg.train.batch_size
     print(f"{cfg.name} preset, batch {batch}, {cfg.features.n_mels} x {cfg.features.frames} images, "
           f"features.backend {cfg.features.backend}, mixed precision {cfg.train.mixed_precision}, "
-          f"distribute {cfg.train.distribute}; {tracking.device()}; {workers} data workers")
+          f"distribute {cfg.train.distribute}; {runs.device()}; {workers} data workers")
 
     keras.utils.set_random_seed(cfg.seed)
     images_cfg = dataclasses.replace(cfg, features=dataclasses.replace(cfg.features, backend="numpy"))

@@ -4,7 +4,7 @@
 
 Each round creates a fresh database, starts ``--workers`` processes that each import the
 study code and wait, releases them together, and has each run a tuning worker's real
-start-up (``rfcx_mlops.study.open_study``: Optuna's tables, the study, the preset's trial).
+start-up (``rfcx_mlops.jobs.study.open_study``: Optuna's tables, the study, the preset's trial).
 A worker fails when it exits non-zero; a round also fails when the study does not hold its
 first trial exactly once.  Prints each round and the count of failures; exits 1 if any.
 The URL's user must be allowed to create and drop databases.
@@ -25,8 +25,8 @@ FIRST_TRIAL = {"x": 0.5}
 def worker(url: str) -> int:
     import optuna
 
-    from rfcx_mlops.config import ConfigError
-    from rfcx_mlops.study import open_study
+    from rfcx_mlops.errors import ConfigError
+    from rfcx_mlops.jobs.study import open_study
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     print("ready", flush=True)

@@ -1,14 +1,17 @@
-"""What the command lines share: one-line errors, quiet libraries, TensorFlow imported after the checks.
+"""What the command lines share: one-line errors and exit codes, quiet libraries, TensorFlow imported after the checks.
 
 A command parses and checks its arguments and its config with the standard library, PyYAML
 and ``config`` alone, so that ``--help`` and a bad value answer at once; only then does it
-import the modules that bring in TensorFlow, through ``import_quietly``.
+import the modules that bring in TensorFlow, through ``import_quietly``.  ``run`` gives every
+command the same ending: a ``UserError`` is one line on stderr, and the exit code says what
+kind of failure it was (``Exit``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import enum
 import importlib
 import logging
 import math
@@ -16,16 +19,44 @@ import os
 import signal
 import sys
 from types import ModuleType
-from typing import Iterator
+from typing import Callable, Iterator
+
+from rfcx_mlops.errors import UserError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class Exit(enum.IntEnum):
+    """A command's exit code: one per kind of ending (README, "Exit codes")."""
+
+    OK = 0
+    PROBLEMS = 1  # the job ran and found problems: in the data, recordings not scored, trials failing in a row
+    USER_ERROR = 2  # a bad argument, config value, file or run id: nothing was done
+    GATE = 3  # a result below the gate asked for (predict --min-lwlrap)
+    INTERRUPTED = 130  # Ctrl-C or SIGTERM
+
+
+def run(command: Callable[[argparse.Namespace], int], args: argparse.Namespace, interrupted: str = "") -> int:
+    """``command(args)``'s exit code, with the libraries quietened; a ``UserError`` is one line on stderr and
+    ``Exit.USER_ERROR``, an interruption (Ctrl-C, or SIGTERM as ``mlflow run`` sends it) says ``interrupted``
+    and is ``Exit.INTERRUPTED``."""
+    setup(getattr(args, "verbose", False))
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return int(command(args))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return Exit.USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted" + (f": {interrupted}" if interrupted else ""), file=sys.stderr)
+        return Exit.INTERRUPTED
 
 
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line: ``error: argument --hop: expected seconds > 0; got '0'``."""
 
     def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
+        self.exit(Exit.USER_ERROR, f"error: {message} (see --help)\n")
 
 
 def add_verbose(parser: argparse.ArgumentParser) -> None:
@@ -101,8 +132,3 @@ def _stderr_to_devnull() -> Iterator[None]:
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
-
-
-def interrupt_on_sigterm() -> None:
-    """`mlflow run` stops its child with SIGTERM: handle it as Ctrl-C, so runs end KILLED."""
-    signal.signal(signal.SIGTERM, _interrupt)

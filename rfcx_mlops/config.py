@@ -9,25 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
+from rfcx_mlops.errors import ConfigError, UserError
+
 
 DEFAULT_EXPERIMENT = "rfcx"  # the MLflow experiment runs log to unless told otherwise
 VOLUME_MODES = ("uniform", "fade", "cosine", "sine")  # the volume envelopes (augment.VolumeControl)
 SHIFT_PADDINGS = ("replace", "zero")  # what a time shift fills the window with (augment.TimeShift)
 AUGMENT_DOMAINS = ("spectrogram", "waveform")  # where pitch shift and volume act
-
-
-class UserError(ValueError):
-    """Input the user can fix (a value, a file, a run id): the command lines print it as one line."""
-
-
-class ConfigError(UserError):
-    """A configuration value or key the run cannot use."""
 
 
 @dataclass(frozen=True)
@@ -73,7 +68,8 @@ class AugmentConfig:
     volume_p: float = 1.0
     max_volume_db: float = 10.0
     volume_mode: str = "sine"  # uniform | fade | cosine | sine
-    domain: str = "spectrogram"  # spectrogram (fast) | waveform (the seed's phase vocoder): where pitch and volume act
+    # where pitch and volume act: spectrogram (fast) | waveform (the seed preset's phase vocoder)
+    domain: str = "spectrogram"
     # SpecAugment: masks of the image, set to its floor (0), up to the given share of the frames / mel bands each
     time_mask_p: float = 0.0
     time_masks: int = 2
@@ -102,7 +98,7 @@ class ModelConfig:
     loss: str = "crossentropy"
     unknown_weight: float = 0.0  # masked: the weight of the unknown entries, as absent (0: ignored)
     weights: str = "none"  # none | imagenet | a .weights.h5 file of the ResNet50 backbone (3-channel input)
-    head: str = "pooled"  # pooled: the seed's | attention: per-step scores pooled over time (finer detections)
+    head: str = "pooled"  # pooled: the seed preset's | attention: per-step scores pooled over time (finer detections)
     # attention: the weight of a second loss, on each species' highest step score, which teaches the steps
     # themselves (0: the pooled clip score alone)
     step_loss_weight: float = 0.5
@@ -354,31 +350,64 @@ def load(path: str | Path | None = None, overrides: Mapping[str, Any] | None = N
          sources: Mapping[str, str] | None = None) -> Config:
     """Defaults, then the preset file at ``path``, then dotted ``overrides`` (``{"train.epochs": 2}``).
 
-    A preset without a ``name`` is named after its file (``experiments/seed.yaml`` -> ``seed``).
+    A preset may start from another: ``extends: ../quick.yaml`` (relative to its file) merges it
+    underneath, so a variant states only what it changes.  A preset without a ``name`` is named
+    after its file (``experiments/seed.yaml`` -> ``seed``), not after the one it extends.
     An error names where the bad value came from: the file, or the override as ``sources`` spells
     it (``{"train.epochs": "--epochs abc"}``; default ``--set train.epochs=abc``).
     """
     overrides = dict(overrides or {})
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        loaded = read_yaml(path, "config file")
-        if not isinstance(loaded, Mapping):
-            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
-        values = {"name": path.stem, **loaded}
-        try:
-            from_dict(values)
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
+    values = _read_preset(Path(path)) if path is not None else {}
     given = {key: (sources or {}).get(key, f"--set {key}={value}") for key, value in overrides.items()}
     for key in overrides:
         _check_key(key)
     try:
         return from_dict(_merge(values, _nest(overrides)))
     except ConfigError as exc:
-        # Blame the overrides the message names (the file alone was fine), else all of them.
+        # Blame the overrides the message names (the preset was fine), else all of them.
         blamed = [where for key, where in given.items() if key in str(exc)] or list(given.values())
         raise ConfigError(f"{', '.join(blamed)}: {exc}") from None
+
+
+def _read_preset(path: Path) -> dict[str, Any]:
+    """The preset's values merged over those of the presets it extends.
+
+    Each file must make a valid config over the files beneath it, so an error names the file that broke it.
+    """
+    chain = _extends_chain(path)
+    values: dict[str, Any] = {}
+    for file, loaded in chain:
+        values = _merge(values, loaded)
+        try:
+            from_dict(values)
+        except ConfigError as exc:
+            raise ConfigError(f"{file}: {exc}") from None
+    return {**values, "name": chain[-1][1].get("name", path.stem)}
+
+
+def _extends_chain(path: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The file at ``path`` and those it extends, base first, each with its values less ``extends``."""
+    chain = [(path, _read_mapping(path))]
+    while "extends" in chain[-1][1]:
+        holder, values = chain[-1]
+        base = values.pop("extends")
+        if not isinstance(base, str):
+            raise ConfigError(f"{holder}: extends must be a path relative to the file; got {base!r}")
+        target = Path(os.path.normpath(holder.parent / base))
+        if not target.is_file():
+            raise ConfigError(f"{holder}: extends {base}: no such file {target}")
+        if any(target.resolve() == file.resolve() for file, _ in chain):
+            cycle = " -> ".join(str(file) for file, _ in [*chain, (target, None)])
+            raise ConfigError(f"{holder}: extends {base}: a cycle ({cycle})")
+        chain.append((target, _read_mapping(target)))
+    return chain[::-1]
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    loaded = read_yaml(path, "config file")
+    if not isinstance(loaded, Mapping):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    return dict(loaded)
 
 
 def with_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:

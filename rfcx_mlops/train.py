@@ -1,19 +1,20 @@
 """Train one cross-validation fold, tracked in MLflow: ``python -m rfcx_mlops.train --fold 1``.
 
-The command line of ``fit.train_fold`` (and ``fit.train_cv`` for ``--fold all``); ``mlflow run .
--P fold=1`` calls it.  Arguments and the config are checked before TensorFlow is imported.
+The command line of ``jobs.fit.train_fold`` (``jobs.fit.train_cv`` for ``--fold all``, ``jobs.fit.resume`` for
+``--resume``); ``mlflow run . -P fold=1`` calls it.  Arguments and the config are checked before TensorFlow is
+imported.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import numpy as np
 
 from rfcx_mlops import cli
-from rfcx_mlops.config import ConfigError, UserError, check_files, check_fold, load, parse_sets
+from rfcx_mlops.config import Config, check_files, check_fold, load, parse_sets
+from rfcx_mlops.errors import ConfigError
 
 # MLproject parameter -> config key; an empty value keeps the preset's setting.
 OVERRIDES = {
@@ -60,62 +61,52 @@ def _fold(text: str) -> int | None:
     return int(text)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    cli.setup(args.verbose)
-    cli.interrupt_on_sigterm()
-    try:
-        overrides, sources = overrides_from(args)
-        fold = _fold(args.fold)
-        if args.resume:
-            if overrides:
-                raise ConfigError(f"resume continues run {args.resume} with its own config; drop "
-                                  + ", ".join(sorted(overrides)))
-            if fold is None:
-                raise ConfigError("resume continues one fold's run: pass its run id with --fold N, not all")
-        else:
-            cfg = load(args.config, overrides, sources)
-            check_files(cfg)
-            if fold is not None:
-                try:
-                    check_fold(cfg, fold)
-                except ConfigError as exc:
-                    raise ConfigError(f"--fold {fold}: {exc}") from None
-        fit = cli.import_quietly("rfcx_mlops.fit", args.verbose)
-        if args.resume:
-            import mlflow
+def run(args: argparse.Namespace) -> int:
+    overrides, sources = overrides_from(args)
+    fold = _fold(args.fold)
+    if args.resume:
+        return _resume(args, overrides, fold)
+    cfg = load(args.config, overrides, sources)
+    check_files(cfg)
+    if fold is not None:
+        try:
+            check_fold(cfg, fold)
+        except ConfigError as exc:
+            raise ConfigError(f"--fold {fold}: {exc}") from None
+    fit = cli.import_quietly("rfcx_mlops.jobs.fit", args.verbose)
+    cv_run_id, results = fit.train(cfg, fold)
+    for r in results:
+        _print_fold(cfg, r)
+    if cv_run_id is None:
+        return cli.Exit.OK
+    best = [r.best_value for r in results]
+    print(f"cross-validation run {cv_run_id}: best {cfg.train.monitor} {np.mean(best):.4f} +- {np.std(best):.4f} "
+          f"over {len(results)} folds")
+    return cli.Exit.OK
 
-            cfg = fit.resumed_config(args.resume)
-            if mlflow.get_run(args.resume).info.status == "FINISHED":
-                print(f"run {args.resume} has finished: nothing left to train")
-                return 0
-            launcher = os.environ.pop("MLFLOW_RUN_ID", None)
-            if launcher and launcher != args.resume:
-                # `mlflow run` opened a run of its own for this invocation: point it at the resumed one.
-                mlflow.tracking.MlflowClient().set_tag(launcher, "resumed_run_id", args.resume)
-        else:
-            fit.tracking.use_default_experiment()
-        if fold is None:
-            run_id, results = fit.train_cv(cfg)
-        else:
-            result = fit.train_fold(cfg, fold, resume=args.resume or None)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: the run is marked KILLED; its checkpoints so far are kept", file=sys.stderr)
-        return 130
-    monitor = cfg.train.monitor
+
+def _resume(args: argparse.Namespace, overrides: dict[str, str], fold: int | None) -> int:
+    if overrides:
+        raise ConfigError(f"resume continues run {args.resume} with its own config; drop "
+                          + ", ".join(sorted(overrides)))
     if fold is None:
-        for r in results:
-            print(f"fold {r.fold} (run {r.run_id}): best {monitor} {r.best_value:.4f} at epoch {r.best_epoch}")
-        best = [r.best_value for r in results]
-        print(f"cross-validation run {run_id}: best {monitor} {np.mean(best):.4f} +- {np.std(best):.4f} "
-              f"over {len(results)} folds")
+        raise ConfigError("resume continues one fold's run: pass its run id without --fold all")
+    fit = cli.import_quietly("rfcx_mlops.jobs.fit", args.verbose)
+    cfg, result = fit.resume(args.resume)
+    if result is None:
+        print(f"run {args.resume} has finished: nothing left to train")
     else:
-        print(f"run {result.run_id}: fold {result.fold} best {monitor} {result.best_value:.4f} "
-              f"at epoch {result.best_epoch}")
-    return 0
+        _print_fold(cfg, result)
+    return cli.Exit.OK
+
+
+def _print_fold(cfg: Config, result) -> None:
+    print(f"run {result.run_id}: fold {result.fold} best {cfg.train.monitor} {result.best_value:.4f} "
+          f"at epoch {result.best_epoch}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(run, parse_args(argv), interrupted="the run is marked KILLED; its checkpoints so far are kept")
 
 
 if __name__ == "__main__":

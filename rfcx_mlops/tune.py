@@ -1,27 +1,24 @@
 """Tune a preset with Optuna: ``python -m rfcx_mlops.tune --config experiments/quick.yaml --n-trials 20``.
 
-Each trial is ``fit.train_fold`` on the chosen folds with values drawn from the
+Each trial is ``jobs.fit.train_fold`` on the chosen folds with values drawn from the
 search space (``experiments/search.yaml``); its value is the mean best-epoch
-value of the config's ``train.monitor`` (val_lwlrap by default).  The study lives in an Optuna RDB storage (SQLite for one worker,
-PostgreSQL for many), so the same command continues it and any number of workers
-can share it.  Every invocation is one MLflow parent run with a nested run per trial.
+value of the config's ``train.monitor`` (val_lwlrap by default).  The study lives in an
+Optuna RDB storage (SQLite for one worker, PostgreSQL for many), so the same command
+continues it and any number of workers can share it.  Every invocation is one MLflow
+parent run with a nested run per trial (``jobs.tune``).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 from typing import Any
 
-import numpy as np
-import optuna
-from optuna.trial import TrialState
-
 from rfcx_mlops import cli
-from rfcx_mlops import study as studies
-from rfcx_mlops.config import ConfigError, UserError, check_files, flatten, load, parse_sets, with_overrides
+from rfcx_mlops.config import Config, check_files, load, parse_sets, with_overrides
+from rfcx_mlops.errors import ConfigError
+from rfcx_mlops.jobs import study as studies
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 DEFAULT_SEARCH = "experiments/search.yaml"
@@ -76,12 +73,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _sampler_seed(seed: int, storage_url: str, n_existing: int) -> int:
-    """Reproducible for a single SQLite worker; workers sharing a server database draw apart."""
-    parts = [seed, n_existing] + ([] if storage_url.startswith("sqlite") else [os.getpid()])
-    return int(np.random.SeedSequence(parts).generate_state(1)[0])
-
-
 def run(args: argparse.Namespace) -> int:
     if args.n_trials <= 0:
         raise ConfigError(f"--n-trials must be > 0; got {args.n_trials}")
@@ -95,62 +86,42 @@ def run(args: argparse.Namespace) -> int:
     cfg = load(args.config, overrides, sources)
     check_files(cfg)
     space = studies.load_space(args.search)
-    folds = parse_folds(args.folds, cfg.folds.n_splits)
+    folds = tuple(parse_folds(args.folds, cfg.folds.n_splits))
     for r in space.ranges:  # every corner of the space must make a valid config
         for value in (r.low, r.high):
             with_overrides(cfg, {r.key: int(value) if r.integer else value})
     studies.scheme(args.storage)
-    trials = cli.import_quietly("rfcx_mlops.trials", args.verbose)
-    from rfcx_mlops import dataset  # with the trials' modules, after the checks
-
-    data = dataset.prepare(cfg)  # loaded and checked once: bad data fails here, not in every trial
-    preset = flatten(cfg)
-    study = studies.open_study(
-        args.storage, args.study_name or cfg.name, heartbeat=args.heartbeat, stale_trial=trials.RequeueStale(),
-        first_trial={r.key: preset[r.key] for r in space.ranges},
-        sampler_for=lambda n_existing: optuna.samplers.TPESampler(
-            seed=_sampler_seed(cfg.seed, args.storage, n_existing), n_startup_trials=space.sampler_startup_trials),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=space.pruner_startup_trials,
-                                           n_warmup_steps=space.pruner_warmup_epochs))
-    best, failed_with = trials.optimize(study, cfg, data, folds, space, args)
-    _summary(study, best, args, overrides, cfg.folds.n_splits, cfg.train.monitor)
+    tuning = cli.import_quietly("rfcx_mlops.jobs.tune", args.verbose)
+    settings = tuning.Tuning(args.config, args.search, args.storage, args.study_name or cfg.name, args.n_trials,
+                             args.timeout, folds, args.keep_models, args.heartbeat)
+    study, best, failed_with = tuning.run(cfg, space, settings)
+    _summary(study, tuning.state_counts(study), best, args, overrides, cfg)
     if failed_with:
-        print(f"error: the last {trials.MAX_FAILURES_IN_A_ROW} trials of this worker failed; the last with: "
+        print(f"error: the last {tuning.MAX_FAILURES_IN_A_ROW} trials of this worker failed; the last with: "
               f"{failed_with}", file=sys.stderr)
-        return 1
-    return 0
+        return cli.Exit.PROBLEMS
+    return cli.Exit.OK
 
 
-def _summary(study: optuna.Study, best: dict[str, Any] | None, args, overrides, n_splits: int,
-             monitor: str) -> None:
-    states = {s: sum(t.state == s for t in study.trials) for s in TrialState}
+def _summary(study, counts: dict[str, int], best: dict[str, Any] | None, args: argparse.Namespace,
+             overrides: dict[str, str], cfg: Config) -> None:
     print(f"\nstudy {study.study_name} ({studies.redact(args.storage)}): "
-          + ", ".join(f"{n} {s.name.lower()}" for s, n in states.items() if n))
+          + ", ".join(f"{n} {state}" for state, n in counts.items() if n))
     if best is None:
         print("no trial has completed yet")
         return
-    preset = next((t for t in study.trials if t.user_attrs.get("preset") and t.state == TrialState.COMPLETE), None)
-    print(f"best {monitor} {best['value']:.4f} (trial {best['number']})"
+    preset = next((t for t in study.trials if t.user_attrs.get("preset") and t.state.name == "COMPLETE"), None)
+    print(f"best {cfg.train.monitor} {best['value']:.4f} (trial {best['number']})"
           + (f"; the preset's own values (trial {preset.number}): {preset.value:.4f}" if preset else ""))
     for key, value in best["params"].items():
         print(f"  {key} = {value:.6g}")
     print("retrain the best configuration on every fold:")
-    print("  " + retrain_command(args, overrides, best["params"], n_splits))
+    print("  " + retrain_command(args, overrides, best["params"], cfg.folds.n_splits))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    cli.setup(args.verbose)
-    cli.interrupt_on_sigterm()
-    try:
-        return run(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: the running trial is marked failed and queued to run first next time",
-              file=sys.stderr)
-        return 130
+    return cli.run(run, parse_args(argv),
+                   interrupted="the running trial is marked failed and queued to run first next time")
 
 
 if __name__ == "__main__":

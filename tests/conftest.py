@@ -20,11 +20,11 @@ import soundfile as sf
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from rfcx_mlops import dataset, synth
+from rfcx_mlops.data import demo, folder
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_RFCX = ROOT.parent / "shared" / "rfcx"
-COLUMNS = list(dataset.COLUMNS)
+COLUMNS = list(folder.COLUMNS)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -77,7 +77,7 @@ def good_rows() -> list[tuple]:
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """48 demo recordings: what tests/tiny.yaml trains on."""
-    return synth.build(tmp_path_factory.mktemp("demo") / "tiny", recordings=48, seed=0)
+    return demo.build(tmp_path_factory.mktemp("demo") / "tiny", recordings=48, seed=0)
 
 
 @pytest.fixture

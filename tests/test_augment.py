@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.signal import welch
 
-from rfcx_mlops import augment as A
+from rfcx_mlops.learn import augment as A
 from rfcx_mlops.config import AugmentConfig
 
 SR = 16000

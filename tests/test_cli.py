@@ -88,14 +88,18 @@ def test_dataset_check_help_explains_every_argument():
     assert "the folder holding train_tp.csv" in proc.stdout and "species ids run from 0" in proc.stdout
 
 
-# --- the README's commands -------------------------------------------------------------------------------------
+# --- the README's commands, and those of the pages it links to (docs/, benchmarks/README.md) -----------------------
 
 PLACEHOLDERS = {"<run id>": "0123456789abcdef0123456789abcdef", "<id>": "0123456789abcdef", "<species>": "24"}
 
 
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "README.md"]
+
+
 def readme_commands() -> list[str]:
-    """Every command line of the README's bash blocks (continuations joined, comments dropped)."""
-    text = (ROOT / "README.md").read_text()
+    """Every command line of the bash blocks of the README, docs/*.md and benchmarks/README.md, in that order
+    (continuations joined, comments dropped)."""
+    text = "\n".join(path.read_text() for path in DOCUMENTS)
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
@@ -106,9 +110,10 @@ def readme_commands() -> list[str]:
 
 
 def test_readme_commands_use_what_exists():
-    """Each README command names an existing Makefile target, MLproject entry point and parameters (with
-    --env-manager local, which a machine without conda needs), or parses with its module's own parser into
-    a valid config.  (Most of them train for hours: the tests run their tiny versions.)"""
+    """Each command of the README and the pages it links to names an existing Makefile target, MLproject entry
+    point and parameters (with --env-manager local, which a machine without conda needs), or benchmark script,
+    or parses with its module's own parser into a valid config.  (Most of them train for hours: the tests run
+    their tiny versions.)"""
     from rfcx_mlops import config, dataset, predict, report, synth, train, tune
 
     parsers = {m.__name__.split(".")[-1]: m.parse_args for m in (dataset, predict, report, synth, train, tune)}
@@ -127,6 +132,8 @@ def test_readme_commands_use_what_exists():
             assert entry in entry_points and "--env-manager" in words, command
             params = [words[i + 1].split("=")[0] for i, w in enumerate(words) if w == "-P"]
             assert set(params) <= set(entry_points[entry]["parameters"]), command
+        elif words[0] == "python" and words[1].startswith("benchmarks/"):
+            assert (ROOT / words[1]).is_file(), command
         elif words[:2] == ["python", "-m"] and words[2].removeprefix("rfcx_mlops.") in parsers:
             module = words[2].removeprefix("rfcx_mlops.")
             args = parsers[module](words[3:])
@@ -137,7 +144,7 @@ def test_readme_commands_use_what_exists():
         else:
             continue
         seen.add(words[0] + " " + words[1])
-    assert {"make demo", "make test", "mlflow run", "python -m"} <= seen
+    assert {"make demo", "make test", "mlflow run", "python -m", "python benchmarks/train_step.py"} <= seen
 
 
 RUN_AS_WRITTEN = ("python -m rfcx_mlops.dataset check", "python -m rfcx_mlops.dataset import-raven",

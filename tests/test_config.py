@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rfcx_mlops import config
 from rfcx_mlops.config import ConfigError
@@ -37,8 +38,6 @@ def test_every_preset_loads_and_holds_only_overrides(preset):
     assert cfg.name == preset.stem
     if preset.stem != "seed":  # the seed preset spells out every setting on purpose
         flat_default = config.flatten(config.Config())
-        import yaml
-
         overrides = config.flatten(config.from_dict(yaml.safe_load(preset.read_text())))
         listed = _listed_keys(yaml.safe_load(preset.read_text()))
         assert all(overrides[k] != flat_default[k] for k in listed if k != "name"), "a preset repeats a default"
@@ -133,7 +132,7 @@ def test_images_in_the_model_need_spectrogram_augmentation():
 
 
 def test_warm_up_then_cosine_schedule_values():
-    from rfcx_mlops.model import learning_rate
+    from rfcx_mlops.learn.model import learning_rate
 
     cfg = config.load(None, {"train.lr_schedule": "cosine", "train.warmup_epochs": 2, "train.epochs": 10,
                              "train.learning_rate": 0.002})
@@ -152,3 +151,121 @@ def test_a_weights_file_must_exist_where_training_runs(tmp_path):
     thresholds = config.load(None, {"detect.thresholds_file": str(tmp_path / "t.csv")})
     with pytest.raises(ConfigError, match=r"detect.thresholds_file: .*t.csv is not a file"):
         config.check_files(thresholds)
+
+
+ABLATION = {  # experiments/ablation/<name>.yaml: the overrides of quick.yaml each stands for (the README's runs)
+    "a-today": {},
+    "b-masked": {"model.activation": "sigmoid", "model.loss": "masked", "train.fp_windows": 0.5},
+    "b2-masked": {"model.activation": "sigmoid", "model.loss": "masked", "train.fp_windows": 0.5,
+                  "model.unknown_weight": 0.5},
+    "e-mixup": {"augment.mixup_p": 0.5, "augment.time_mask_p": 0.5, "augment.freq_mask_p": 0.5},
+    "f-recording": {"augment.mixup_p": 0.5, "augment.time_mask_p": 0.5, "augment.freq_mask_p": 0.5,
+                    "train.monitor": "val_recording_lwlrap"},
+    "g-random": {"model.activation": "sigmoid", "model.loss": "masked", "model.unknown_weight": 0.5,
+                 "train.fp_windows": 0.5, "train.random_windows": 1.0, "train.steps_per_epoch": 20},
+    "h-random": {"model.activation": "sigmoid", "train.fp_windows": 0.5, "train.random_windows": 1.0,
+                 "train.steps_per_epoch": 20},
+    "i-prior": {"model.activation": "sigmoid", "model.loss": "masked", "model.unknown_weight": 0.5,
+                "train.fp_windows": 0.25, "train.random_windows": 0.5, "train.steps_per_epoch": 20},
+    "k-even": {"train.random_windows": 0.5, "train.steps_per_epoch": 20},
+    "m-attention": {"model.activation": "sigmoid", "model.loss": "masked", "model.unknown_weight": 0.5,
+                    "train.fp_windows": 0.25, "train.random_windows": 0.5, "train.steps_per_epoch": 20,
+                    "model.head": "attention", "model.step_loss_weight": 0},
+    "n-steps": {"model.activation": "sigmoid", "model.loss": "masked", "model.unknown_weight": 0.5,
+                "train.fp_windows": 0.25, "train.random_windows": 0.5, "train.steps_per_epoch": 20,
+                "model.head": "attention"},
+}
+
+
+def test_the_ablation_folder_holds_the_listed_runs():
+    assert sorted(p.stem for p in (ROOT / "experiments" / "ablation").glob("*.yaml")) == sorted(ABLATION)
+
+
+@pytest.mark.parametrize("name", sorted(ABLATION))
+def test_an_ablation_preset_is_quick_with_its_overrides_and_states_only_them(name):
+    path = ROOT / "experiments" / "ablation" / f"{name}.yaml"
+    cfg = config.load(path)
+    assert cfg.name == name
+    expected = config.flatten(config.load(ROOT / "experiments" / "quick.yaml", ABLATION[name]))
+    assert {**config.flatten(cfg), "name": "quick"} == expected
+    text = path.read_text()
+    assert text.startswith(f"# {name}: ")  # what the recipe is
+    doc = yaml.safe_load(text)
+    base = config.flatten(config.load(path.parent / doc.pop("extends")))
+    flat = config.flatten(cfg)
+    assert [k for k in _listed_keys(doc) if flat[k] == base[k]] == [], "repeats what the preset it extends says"
+
+
+def _write(folder: Path, name: str, text: str) -> Path:
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _error(path: Path) -> str:
+    with pytest.raises(ConfigError) as err:
+        config.load(path)
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+def test_extends_merges_a_chain_deep_base_first_each_path_relative_to_its_file(tmp_path):
+    _write(tmp_path, "base.yaml", "seed: 1\ntrain:\n  epochs: 3\n  batch_size: 8\nmodel:\n  dropout: 0.1\n")
+    _write(tmp_path, "mid/mid.yaml", "extends: ../base.yaml\ntrain:\n  epochs: 4\nmodel:\n  dense_units: 64\n")
+    leaf = _write(tmp_path, "mid/leaf/leaf.yaml", "extends: ../mid.yaml\ntrain:\n  epochs: 5\n")
+    cfg = config.load(leaf)
+    got = (cfg.seed, cfg.train.epochs, cfg.train.batch_size, cfg.model.dropout, cfg.model.dense_units)
+    assert got == (1, 5, 8, 0.1, 64)
+    assert cfg.train.learning_rate == config.TrainConfig().learning_rate  # what no file says stays the default
+    assert "extends" not in config.to_dict(cfg) and "extends" not in config.to_yaml(cfg)
+    assert config.load(leaf, {"train.epochs": 6}).train.epochs == 6  # overrides still come last
+
+
+def test_extends_is_not_a_config_key():
+    with pytest.raises(ConfigError, match="unknown config key extends"):
+        config.load(None, {"extends": "quick.yaml"})
+
+
+def test_a_preset_is_named_after_its_own_file_not_the_one_it_extends(tmp_path):
+    _write(tmp_path, "base.yaml", "name: base-run\n")
+    assert config.load(_write(tmp_path, "leaf.yaml", "extends: base.yaml\n")).name == "leaf"
+    assert config.load(_write(tmp_path, "named.yaml", "extends: base.yaml\nname: mine\n")).name == "mine"
+    assert config.load(tmp_path / "base.yaml").name == "base-run"
+
+
+def test_a_file_of_the_chain_is_checked_over_those_it_extends(tmp_path):
+    _write(tmp_path, "sigmoid.yaml", "model:\n  activation: sigmoid\n")
+    masked = _write(tmp_path, "masked.yaml", "extends: sigmoid.yaml\nmodel:\n  loss: masked\n")
+    assert config.load(masked).model.loss == "masked"  # masked alone, over the softmax default, is no config
+    softmax = _write(tmp_path, "softmax.yaml", "extends: masked.yaml\nmodel:\n  activation: softmax\n")
+    assert _error(softmax).startswith(f"{softmax}: model.loss: masked needs model.activation: sigmoid")
+
+
+def test_a_missing_base_names_both_files(tmp_path):
+    leaf = _write(tmp_path, "sub/x.yaml", "extends: ../nope.yaml\n")
+    assert _error(leaf) == f"{leaf}: extends ../nope.yaml: no such file {tmp_path / 'nope.yaml'}"
+
+
+def test_a_cycle_names_the_chain(tmp_path):
+    a = _write(tmp_path, "a.yaml", "extends: b.yaml\n")
+    b = _write(tmp_path, "b.yaml", "extends: a.yaml\n")
+    assert _error(a) == f"{b}: extends a.yaml: a cycle ({a} -> {b} -> {a})"
+    itself = _write(tmp_path, "self.yaml", "extends: ./self.yaml\n")
+    assert _error(itself) == f"{itself}: extends ./self.yaml: a cycle ({itself} -> {itself})"
+
+
+@pytest.mark.parametrize("value, shown", [("[base.yaml]", "['base.yaml']"), ("", "None"), ("3", "3")])
+def test_extends_must_be_a_path(tmp_path, value, shown):
+    _write(tmp_path, "base.yaml", "seed: 1\n")
+    leaf = _write(tmp_path, "leaf.yaml", f"extends: {value}\n")
+    assert _error(leaf) == f"{leaf}: extends must be a path relative to the file; got {shown}"
+
+
+def test_an_unknown_key_is_blamed_on_the_file_that_holds_it(tmp_path):
+    base = _write(tmp_path, "base.yaml", "train:\n  epoch: 3\n")
+    leaf = _write(tmp_path, "leaf.yaml", "extends: base.yaml\nseed: 1\n")
+    assert _error(leaf).startswith(f"{base}: unknown config key train.epoch (known: ")
+    _write(tmp_path, "base.yaml", "seed: 2\n")
+    typo = _write(tmp_path, "typo.yaml", "extends: base.yaml\nmodle:\n  dropout: 0.1\n")
+    assert _error(typo).startswith(f"{typo}: unknown config key modle (known: ")

@@ -6,8 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rfcx_mlops import detect
-from rfcx_mlops.config import ConfigError, DetectConfig
+from rfcx_mlops.config import DetectConfig
+from rfcx_mlops.data import raven
+from rfcx_mlops.errors import ConfigError
+from rfcx_mlops.infer import detect
 
 
 def test_a_stretch_scores_what_every_window_around_it_agrees_on():
@@ -65,10 +67,10 @@ def test_a_written_selection_table_reads_back_into_the_same_boxes(tmp_path):
     rows = pd.DataFrame({"recording_id": "rec", "species_id": [3, 12], "t_start": [1.25, 40.0],
                          "t_end": [3.75, 42.5], "f_low": [562.5, 2531.25], "f_high": [3281.25, 10687.5],
                          "score": [0.91, 0.55]})
-    path = detect.write_raven(rows, tmp_path / f"rec{detect.RAVEN_SUFFIX}", {3: "Eleutherodactylus"})
+    path = raven.write_raven(rows, tmp_path / f"rec{raven.RAVEN_SUFFIX}", {3: "Eleutherodactylus"})
     header = path.read_text().splitlines()[0].split("\t")
-    assert header == detect.RAVEN_COLUMNS
-    back = detect.read_raven(path)
+    assert header == raven.RAVEN_COLUMNS
+    back = raven.read_raven(path)
     assert back["label"].tolist() == ["Eleutherodactylus", "s12"]
     np.testing.assert_allclose(back[["t_start", "t_end", "f_low", "f_high"]], rows[["t_start", "t_end", "f_low", "f_high"]])
 
@@ -76,10 +78,10 @@ def test_a_written_selection_table_reads_back_into_the_same_boxes(tmp_path):
 def test_an_audacity_label_track_holds_each_detection_and_its_band(tmp_path):
     rows = pd.DataFrame({"recording_id": "rec", "species_id": [3, 12], "t_start": [1.25, 40.0], "t_end": [3.75, 42.5],
                          "f_low": [562.5, 2531.25], "f_high": [3281.25, 10687.5], "score": [0.914, 0.55]})
-    path = detect.write_audacity(rows, tmp_path / f"rec{detect.AUDACITY_SUFFIX}", {3: "Eleutherodactylus"})
+    path = raven.write_audacity(rows, tmp_path / f"rec{raven.AUDACITY_SUFFIX}", {3: "Eleutherodactylus"})
     assert path.read_text() == ("1.250000\t3.750000\tEleutherodactylus 0.91\n\\\t562.500\t3281.250\n"
                                 "40.000000\t42.500000\ts12 0.55\n\\\t2531.250\t10687.500\n")
-    assert detect.write_audacity(rows.iloc[:0], tmp_path / "none.txt").read_text() == ""
+    assert raven.write_audacity(rows.iloc[:0], tmp_path / "none.txt").read_text() == ""
 
 
 def _table(tmp_path, text):
@@ -94,7 +96,7 @@ HEAD = "Selection|View|Channel|Begin Time (s)|End Time (s)|Low Freq (Hz)|High Fr
 def test_one_row_per_selection_where_raven_lists_each_view(tmp_path):
     path = _table(tmp_path, HEAD + "1|Waveform 1|1|1.0|2.0|500|900|a\n1|Spectrogram 1|1|1.0|2.0|500|900|a\n"
                                    "2|Spectrogram 1|1|5.0|6.0|500|900|b\n")
-    assert detect.read_raven(path)["selection"].tolist() == ["1", "2"]
+    assert raven.read_raven(path)["selection"].tolist() == ["1", "2"]
 
 
 @pytest.mark.parametrize("text, message", [
@@ -105,17 +107,17 @@ def test_one_row_per_selection_where_raven_lists_each_view(tmp_path):
     (HEAD + "1|Spectrogram 1|1|2.0|1.0|500|900|a\n", "line 2: the box must have 0 <= begin < end time"),
 ])
 def test_bad_selection_tables_are_refused_in_one_line(tmp_path, text, message):
-    with pytest.raises(detect.RavenError, match=None) as caught:
-        detect.read_raven(_table(tmp_path, text))
+    with pytest.raises(raven.RavenError, match=None) as caught:
+        raven.read_raven(_table(tmp_path, text))
     assert message in str(caught.value) and "\n" not in str(caught.value)
     assert str(tmp_path / "t.txt") in str(caught.value)
 
 
 def test_the_label_column_is_a_choice(tmp_path):
     path = _table(tmp_path, HEAD.replace("Species", "Annotation") + "1|Spectrogram 1|1|1.0|2.0|500|900| frog \n")
-    assert detect.read_raven(path, "Annotation")["label"].tolist() == ["frog"]
-    with pytest.raises(detect.RavenError, match="no column 'Species'"):
-        detect.read_raven(path)
+    assert raven.read_raven(path, "Annotation")["label"].tolist() == ["frog"]
+    with pytest.raises(raven.RavenError, match="no column 'Species'"):
+        raven.read_raven(path)
 
 
 def test_a_thresholds_file_sets_the_species_it_lists(tmp_path):

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from skimage.transform import resize
 
-from rfcx_mlops import augment, config
-from rfcx_mlops.augment import SpectralDraw
-from rfcx_mlops.features import MelFeatures, MelFrontEnd, TFMelFeatures, mel_filterbank, resize_time
+from rfcx_mlops import config
+from rfcx_mlops.learn import augment
+from rfcx_mlops.learn.augment import SpectralDraw
+from rfcx_mlops.learn.features import MelFeatures, MelFrontEnd, TFMelFeatures, mel_filterbank, resize_time
 
 
 @pytest.fixture

@@ -6,8 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rfcx_mlops import folds
-from rfcx_mlops.config import ConfigError
+from rfcx_mlops import config
+from rfcx_mlops.data import folds
+from rfcx_mlops.errors import ConfigError
 
 
 @pytest.fixture
@@ -26,9 +27,9 @@ def test_no_recording_on_both_sides_and_every_row_once(events):
     assigned = folds.assign_folds(events, 3, 27)
     assert set(assigned) == {1, 2, 3}
     assert (events.assign(fold=assigned).groupby("recording_id")["fold"].nunique() == 1).all()
-    sizes = [len(folds.split(events, k, 3, 27)[1]) for k in (1, 2, 3)]
+    sizes = [len(folds.by_fold(events, assigned, k)[1]) for k in (1, 2, 3)]
     assert sum(sizes) == len(events)
-    train, val = folds.split(events, 2, 3, 27)
+    train, val = folds.by_fold(events, folds.assign_folds(events, 3, 27), 2)
     assert not set(train["recording_id"]) & set(val["recording_id"])
 
 
@@ -45,9 +46,10 @@ def test_seed_decides_the_split(events):
 
 
 def test_bad_fold_numbers(events):
+    cfg = config.load(None, {"folds.n_splits": 3})
     for bad in (0, 4):
         with pytest.raises(ConfigError, match="fold must be within 1..3"):
-            folds.split(events, bad, 3, 27)
+            config.check_fold(cfg, bad)
     with pytest.raises(ConfigError, match="needs at least 300 recordings"):
         folds.assign_folds(events, 300, 27)
 

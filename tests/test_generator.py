@@ -10,10 +10,11 @@ import pytest
 from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter  # what fit() iterates with
 
 from conftest import make_data_dir
-from rfcx_mlops import config, dataset
+from rfcx_mlops import config
 from rfcx_mlops.config import ModelConfig
-from rfcx_mlops.generator import SpectrogramBatches, make_samples, mixup, targets, window_start
-from rfcx_mlops.metrics import UNKNOWN
+from rfcx_mlops.data import folder
+from rfcx_mlops.learn.batches import SpectrogramBatches, make_samples, mixup, targets, window_start
+from rfcx_mlops.learn.metrics import UNKNOWN
 
 TINY = {"features.n_mels": 32, "features.frames": 64, "features.n_fft": 512, "features.hop_length": 256,
         "data.crop_seconds": 2.0, "train.batch_size": 4, "augment.max_shift_seconds": 0.5}
@@ -23,7 +24,7 @@ TINY = {"features.n_mels": 32, "features.frames": 64, "features.n_fft": 512, "fe
 def data(tmp_path):
     rows = [(f"rec{i}", i % 5, 1, 1.0 + i % 4, 500.0, 2.0 + i % 4, 4000.0) for i in range(10)]
     rows.append(("rec0", 9, 1, 2.2, 500.0, 3.2, 4000.0))  # a second species inside rec0's window
-    return dataset.load(make_data_dir(tmp_path, rows, seconds=8.0), 24, 48000)
+    return folder.load(make_data_dir(tmp_path, rows, seconds=8.0), 24, 48000)
 
 
 def batches(data, training, workers=1, **overrides):
@@ -157,8 +158,8 @@ def test_waveform_batches_make_the_image_batches_in_the_model(data, training):
     with each sample's spectral draw in training, from audio alone in validation (what the saved model takes)."""
     import dataclasses
 
-    from rfcx_mlops.features import MelFrontEnd, TFMelFeatures
-    from rfcx_mlops.generator import WaveformBatches, make_batches
+    from rfcx_mlops.learn.batches import WaveformBatches, make_batches
+    from rfcx_mlops.learn.features import MelFrontEnd, TFMelFeatures
 
     cfg = config.load(None, {**TINY, "features.backend": "tensorflow"})
     samples = make_samples(data.tp, data.recordings, cfg.data.crop_seconds, cfg.data.n_classes)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import label_ranking_average_precision_score
 
-from rfcx_mlops.metrics import StreamingLWLRAP, lwlrap
+from rfcx_mlops.learn.metrics import StreamingLWLRAP, lwlrap
 
 
 def random_multilabel(rng, n=97, c=24):
@@ -67,7 +67,7 @@ def test_mean_of_batch_values_would_differ():
 
 def test_sigmoid_outputs_train_with_binary_cross_entropy():
     from rfcx_mlops import config
-    from rfcx_mlops.model import build
+    from rfcx_mlops.learn.model import build
 
     cfg = config.load(None, {"model.activation": "sigmoid", "features.n_mels": 32, "features.frames": 32,
                              "model.dense_units": 8})
@@ -78,7 +78,7 @@ def test_sigmoid_outputs_train_with_binary_cross_entropy():
 
 
 def test_masked_binary_cross_entropy_by_hand():
-    from rfcx_mlops.metrics import UNKNOWN, MaskedBinaryCrossentropy
+    from rfcx_mlops.learn.metrics import UNKNOWN, MaskedBinaryCrossentropy
 
     y = np.array([[1.0, 0.0, UNKNOWN, UNKNOWN], [UNKNOWN, 1.0, 0.0, UNKNOWN]], np.float32)
     p = np.array([[0.9, 0.2, 0.7, 0.1], [0.5, 0.6, 0.3, 0.8]], np.float32)
@@ -93,7 +93,7 @@ def test_masked_binary_cross_entropy_by_hand():
 
 
 def test_unknown_targets_rank_as_absent_in_both_lwlraps():
-    from rfcx_mlops.metrics import UNKNOWN
+    from rfcx_mlops.learn.metrics import UNKNOWN
 
     y, s = random_multilabel(np.random.default_rng(3))
     masked = np.where((y == 0) & (np.random.default_rng(4).random(y.shape) < 0.5), UNKNOWN, y)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from rfcx_mlops import config
-from rfcx_mlops.model import Training, build, for_training, frame_model
+from rfcx_mlops.errors import ConfigError
+from rfcx_mlops.learn.model import Training, build, for_training, frame_model
 
 TINY = Path(__file__).resolve().parent / "tiny.yaml"
 
@@ -62,9 +63,9 @@ def test_pretrained_backbone_weights_from_a_file(tmp_path):
     np.testing.assert_array_equal(np.asarray(rgb), np.repeat(image, 3, axis=-1))  # the mel image in each channel
     dense = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     dense.save_weights(tmp_path / "other.weights.h5")
-    with pytest.raises(config.ConfigError, match="does not hold ResNet50 backbone weights"):
+    with pytest.raises(ConfigError, match="does not hold ResNet50 backbone weights"):
         build(config.load(TINY, {"model.weights": str(tmp_path / "other.weights.h5")}), 1)
-    with pytest.raises(config.ConfigError, match="is not a file"):
+    with pytest.raises(ConfigError, match="is not a file"):
         build(config.load(TINY, {"model.weights": str(tmp_path / "missing.weights.h5")}), 1)
 
 

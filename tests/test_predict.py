@@ -22,7 +22,10 @@ from mlflow.utils.file_utils import local_file_uri_to_path
 from sklearn.metrics import label_ranking_average_precision_score
 
 from conftest import free_port, start_server, write_tone
-from rfcx_mlops import detect, predict, report, serve
+from rfcx_mlops import predict, report
+from rfcx_mlops.data import raven
+from rfcx_mlops.infer import detect, scorer
+from rfcx_mlops.track import report as runs_report
 
 
 def sklearn_lwlrap(truth: np.ndarray, scores: np.ndarray) -> float:
@@ -65,9 +68,9 @@ def test_cv_run_summarises_its_folds(cv_run):
 
 
 def test_window_starts_cover_the_recording():
-    np.testing.assert_allclose(serve.window_starts(60.0, 10.0, 5.0), np.arange(0, 51, 5))
-    np.testing.assert_allclose(serve.window_starts(12.0, 5.0, 2.5), [0, 2.5, 5.0, 7.0])  # the last ends at 12 s
-    np.testing.assert_allclose(serve.window_starts(3.0, 5.0, 2.5), [0])  # shorter than a window: padded
+    np.testing.assert_allclose(scorer.window_starts(60.0, 10.0, 5.0), np.arange(0, 51, 5))
+    np.testing.assert_allclose(scorer.window_starts(12.0, 5.0, 2.5), [0, 2.5, 5.0, 7.0])  # the last ends at 12 s
+    np.testing.assert_allclose(scorer.window_starts(3.0, 5.0, 2.5), [0])  # shorter than a window: padded
 
 
 def run_predict(capsys, *argv) -> tuple[int, str, str]:
@@ -102,7 +105,7 @@ def test_cv_prediction_averages_the_folds_in_submission_order(cv_run, cv_trackin
     gate = ["--run-id", cv_run.parent.info.run_id, "--out", "gated.csv", "--min-lwlrap"]
     assert run_predict(capsys, *gate, f"{expected - 0.001:.4f}")[0] == 0
     code, _, err = run_predict(capsys, *gate, f"{expected + 0.001:.4f}")
-    assert code == 1 and err.strip().splitlines()[-1] == (f"error: test LWLRAP {expected:.4f} is below the gate --min-lwlrap "
+    assert code == 3 and err.strip().splitlines()[-1] == (f"error: test LWLRAP {expected:.4f} is below the gate --min-lwlrap "
                                          f"{float(f'{expected + 0.001:.4f}'):g}")
 
 
@@ -133,17 +136,17 @@ def test_detections_raven_tables_and_event_scores(cv_run, cv_tracking, tiny_data
 
     # every recording has a table; read back, the boxes are the detections'
     ids = pd.read_csv(tiny_data / "sample_submission.csv")["recording_id"]
-    assert sorted(p.name for p in Path("raven").iterdir()) == sorted(f"{rid}{detect.RAVEN_SUFFIX}" for rid in ids)
+    assert sorted(p.name for p in Path("raven").iterdir()) == sorted(f"{rid}{raven.RAVEN_SUFFIX}" for rid in ids)
     for rid, rows in found.groupby("recording_id"):
-        back = detect.read_raven(Path("raven") / f"{rid}{detect.RAVEN_SUFFIX}")
+        back = raven.read_raven(Path("raven") / f"{rid}{raven.RAVEN_SUFFIX}")
         np.testing.assert_allclose(back[["t_start", "t_end", "f_low", "f_high"]].to_numpy(),
                                    rows[["t_start", "t_end", "f_low", "f_high"]].to_numpy(), atol=1e-3)
         assert back["label"].tolist() == [f"s{k}" for k in rows["species_id"]]
 
     # the same boxes in Audacity's label tracks: a region label, then its band
-    assert sorted(p.name for p in Path("audacity").iterdir()) == sorted(f"{rid}{detect.AUDACITY_SUFFIX}" for rid in ids)
+    assert sorted(p.name for p in Path("audacity").iterdir()) == sorted(f"{rid}{raven.AUDACITY_SUFFIX}" for rid in ids)
     for rid, rows in found.groupby("recording_id"):
-        lines = [line.split("\t") for line in (Path("audacity") / f"{rid}{detect.AUDACITY_SUFFIX}").read_text().splitlines()]
+        lines = [line.split("\t") for line in (Path("audacity") / f"{rid}{raven.AUDACITY_SUFFIX}").read_text().splitlines()]
         assert [line[0] for line in lines[1::2]] == ["\\"] * len(rows)
         np.testing.assert_allclose([[float(a), float(b), float(lo), float(hi)] for (a, b, _), (_, lo, hi) in
                                     zip(lines[::2], lines[1::2])],
@@ -238,8 +241,8 @@ def test_bad_input_is_one_line(cv_run, cv_tracking, capsys, tmp_path, tiny_data)
 
 
 def in_process_scores(run_id: str, recording: Path, folder: Path) -> np.ndarray:
-    _, scorer = serve.load_run(run_id, folder)
-    return scorer.scores(scorer.read(recording))
+    _, loaded = scorer.load_run(run_id, folder)
+    return loaded.scores(loaded.read(recording))
 
 
 def test_servable_model_in_a_fresh_process(cv_run, cv_tracking, tiny_data, tmp_path):
@@ -344,7 +347,7 @@ def test_report_lists_every_run(cv_run, cv_tracking, capsys):
     assert report.main(["--experiment", "cv", "--out", "runs.csv"]) == 0
     out = capsys.readouterr().out
     table = pd.read_csv("runs.csv")
-    assert list(table.columns) == report.COLUMNS and len(table) == 3
+    assert list(table.columns) == runs_report.COLUMNS and len(table) == 3
     assert sorted(table["fold"].astype(str)) == ["1", "2", "all"]
     by_fold = table.set_index(table["fold"].astype(str))
     assert by_fold.loc["all", "best_val_lwlrap"] == pytest.approx(cv_run.parent.data.metrics["best_val_lwlrap"])

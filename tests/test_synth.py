@@ -14,7 +14,7 @@ import pytest
 import scipy.signal
 import soundfile as sf
 
-from rfcx_mlops import synth
+from rfcx_mlops.data import demo as demo_set  # the generator; its command line is rfcx_mlops.synth
 
 SEED = 5
 TRAIN, TEST = 7, 2
@@ -27,13 +27,13 @@ CALLS = ["recording_id", "species_id", "t_min", "f_min", "t_max", "f_max"]
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # two worker processes here, one in test_same_seed_same_bytes_different_seed_different
     folder = tmp_path_factory.mktemp("synth") / "demo"
-    return synth.build(folder, recordings=TRAIN, test_recordings=TEST, seed=SEED, workers=2)
+    return demo_set.build(folder, recordings=TRAIN, test_recordings=TEST, seed=SEED, workers=2)
 
 
 @pytest.fixture(scope="module")
-def layout() -> dict[str, synth.Planned]:
+def layout() -> dict[str, demo_set.Planned]:
     """The demo fixture's plan, by recording id."""
-    return {p.recording_id: p for p in synth.plan(TRAIN, TEST, SEED)}
+    return {p.recording_id: p for p in demo_set.plan(TRAIN, TEST, SEED)}
 
 
 def _read(path: Path) -> pd.DataFrame:
@@ -58,7 +58,7 @@ def test_box_csv_schema(demo: Path, name: str) -> None:
     assert ((df.f_min > 0) & (df.f_min < df.f_max) & (df.f_max <= 24000)).all()
     # every box is one of the species' real boxes
     for row in df.itertuples(index=False):
-        boxes = {(b.songtype_id, b.f_min, b.f_max) for b in synth.SPECIES_FACTS[row.species_id].boxes}
+        boxes = {(b.songtype_id, b.f_min, b.f_max) for b in demo_set.SPECIES_FACTS[row.species_id].boxes}
         assert (row.songtype_id, row.f_min, row.f_max) in boxes
 
 
@@ -78,7 +78,7 @@ def test_recordings_are_rfcx_flac(demo: Path) -> None:
         assert 0.8 * 32767 < np.abs(pcm.astype(np.int32)).max() < 0.95 * 32767  # peak-normalised, not clipped
 
 
-def test_fp_species_call_nowhere_in_the_recording(demo: Path, layout: dict[str, synth.Planned]) -> None:
+def test_fp_species_call_nowhere_in_the_recording(demo: Path, layout: dict[str, demo_set.Planned]) -> None:
     tp, fp = _read(demo / "train_tp.csv"), _read(demo / "train_fp.csv")
     assert len(fp) >= TRAIN  # at least one per recording (fp_per_recording)
     for row in tp.itertuples(index=False):
@@ -124,8 +124,8 @@ def test_unlabelled_calls_are_in_the_audio(tmp_path: Path) -> None:
     """A train recording holds more calls than train_tp.csv names, and each stands out of the background near it."""
     for split in ("train", "test"):
         (tmp_path / split).mkdir()
-    job = next(j for j in synth._jobs(tmp_path, 3, 1, SEED, synth.Difficulty()) if len(j.calls) >= 4)
-    tp, fp, calls = synth._make_recording(job)
+    job = next(j for j in demo_set._jobs(tmp_path, 3, 1, SEED, demo_set.Difficulty()) if len(j.calls) >= 4)
+    tp, fp, calls = demo_set._make_recording(job)
     assert len(tp) == 1 and tp[0] in calls and len(calls) == len(job.calls)
     assert [c[1] for c in calls] == [k for k, _ in job.calls] and {c[1] for c in calls} == set(job.species)
     unlabelled = pd.DataFrame([c for c in calls if c not in tp], columns=COLUMNS)
@@ -135,20 +135,20 @@ def test_unlabelled_calls_are_in_the_audio(tmp_path: Path) -> None:
 
 
 def test_same_seed_same_bytes_different_seed_different(demo: Path, tmp_path: Path) -> None:
-    again = synth.build(tmp_path / "again", recordings=TRAIN, test_recordings=TEST, seed=SEED, workers=1)
+    again = demo_set.build(tmp_path / "again", recordings=TRAIN, test_recordings=TEST, seed=SEED, workers=1)
     assert _files(again) == _files(demo)  # also independent of the number of worker processes
     # a previous demo build is rebuilt in place
-    synth.build(again, recordings=TRAIN, test_recordings=TEST, seed=SEED + 1)
+    demo_set.build(again, recordings=TRAIN, test_recordings=TEST, seed=SEED + 1)
     other = _files(again)
-    assert json.loads(other[synth.MARKER])["seed"] == SEED + 1
-    assert json.loads(other[synth.MARKER])["version"] == synth.GENERATOR_VERSION == 2
+    assert json.loads(other[demo_set.MARKER])["seed"] == SEED + 1
+    assert json.loads(other[demo_set.MARKER])["version"] == demo_set.GENERATOR_VERSION == 2
     for name in ("train_tp.csv", "train_fp.csv", "test_labels.csv", "test_calls.csv"):
         assert other[name] != _files(demo)[name]
     assert not set(_files(demo)) & {k for k in other if k.endswith(".flac")}  # new recording ids
 
 
 def test_plan_balances_the_labelled_species_and_follows_the_seed() -> None:
-    layout = synth.plan(96, 20, seed=1)
+    layout = demo_set.plan(96, 20, seed=1)
     train = [p for p in layout if p.split == "train"]
     test = [p for p in layout if p.split == "test"]
     ids = [p.recording_id for p in layout]
@@ -157,12 +157,12 @@ def test_plan_balances_the_labelled_species_and_follows_the_seed() -> None:
     assert (labelled == 4).all()  # 96 labelled calls, 4 per species
     assert all(1 <= len(p.species) <= 4 and len(set(p.species)) == len(p.species) for p in test)
     assert all(not lab for p in test for _, lab in p.calls)
-    assert synth.plan(96, 20, seed=1) == layout
-    assert synth.plan(96, 20, seed=2) != layout
+    assert demo_set.plan(96, 20, seed=1) == layout
+    assert demo_set.plan(96, 20, seed=2) != layout
 
 
 def test_train_recordings_hold_2_to_4_species_and_one_labelled_call() -> None:
-    train = [p for p in synth.plan(96, 1, seed=3) if p.split == "train"]
+    train = [p for p in demo_set.plan(96, 1, seed=3) if p.split == "train"]
     for p in train:
         assert 2 <= len(p.species) <= 4 and p.species == tuple(sorted(set(p.species)))
         assert {k for k, _ in p.calls} == set(p.species)  # every species present calls
@@ -177,9 +177,9 @@ def test_train_recordings_hold_2_to_4_species_and_one_labelled_call() -> None:
 
 
 def test_labelled_fraction_labels_more_calls_and_changes_nothing_else() -> None:
-    base = synth.plan(48, 10, seed=4)
+    base = demo_set.plan(48, 10, seed=4)
     for fraction in (0.5, 1.0):
-        more = synth.plan(48, 10, seed=4, difficulty=synth.Difficulty(labelled_fraction=fraction))
+        more = demo_set.plan(48, 10, seed=4, difficulty=demo_set.Difficulty(labelled_fraction=fraction))
         for a, b in zip(base, more, strict=True):
             assert (a.split, a.recording_id, a.species) == (b.split, b.recording_id, b.species)
             assert [k for k, _ in a.calls] == [k for k, _ in b.calls]
@@ -187,33 +187,33 @@ def test_labelled_fraction_labels_more_calls_and_changes_nothing_else() -> None:
                 assert b.calls[0] == a.calls[0] == (a.calls[0][0], True)  # the balanced species stays labelled
                 expected = len(b.calls) if fraction == 1.0 else max(1, round(fraction * len(b.calls)))
                 assert sum(lab for _, lab in b.calls) == expected
-    assert synth.plan(48, 10, seed=4, difficulty=synth.Difficulty(labelled_fraction=0.0)) == base
+    assert demo_set.plan(48, 10, seed=4, difficulty=demo_set.Difficulty(labelled_fraction=0.0)) == base
     with pytest.raises(ValueError, match="labelled_fraction"):
-        synth.Difficulty(labelled_fraction=1.5)
+        demo_set.Difficulty(labelled_fraction=1.5)
 
 
 def test_labelled_fraction_one_labels_every_call_of_the_same_audio(tmp_path: Path) -> None:
     sizes = dict(recordings=2, test_recordings=1, seed=SEED, workers=1)
-    one = _files(synth.build(tmp_path / "one", **sizes))
-    every = _files(synth.build(tmp_path / "all", **sizes, difficulty=synth.Difficulty(labelled_fraction=1.0)))
-    assert {k: v for k, v in one.items() if k != "train_tp.csv" and k != synth.MARKER} == {
-        k: v for k, v in every.items() if k != "train_tp.csv" and k != synth.MARKER
+    one = _files(demo_set.build(tmp_path / "one", **sizes))
+    every = _files(demo_set.build(tmp_path / "all", **sizes, difficulty=demo_set.Difficulty(labelled_fraction=1.0)))
+    assert {k: v for k, v in one.items() if k != "train_tp.csv" and k != demo_set.MARKER} == {
+        k: v for k, v in every.items() if k != "train_tp.csv" and k != demo_set.MARKER
     }
-    planned = synth.plan(2, 1, SEED)
+    planned = demo_set.plan(2, 1, SEED)
     tp_one, tp_all = _read(tmp_path / "one" / "train_tp.csv"), _read(tmp_path / "all" / "train_tp.csv")
     assert len(tp_one) == 2 and len(tp_all) == sum(len(p.calls) for p in planned if p.split == "train") > 2
     assert set(map(tuple, tp_one.to_numpy().tolist())) < set(map(tuple, tp_all.to_numpy().tolist()))
-    assert json.loads(every[synth.MARKER])["difficulty"]["labelled_fraction"] == 1.0
+    assert json.loads(every[demo_set.MARKER])["difficulty"]["labelled_fraction"] == 1.0
 
 
-def test_test_labels_agree_with_test_calls(demo: Path, layout: dict[str, synth.Planned]) -> None:
+def test_test_labels_agree_with_test_calls(demo: Path, layout: dict[str, demo_set.Planned]) -> None:
     calls, labels = _read(demo / "test_calls.csv"), _read(demo / "test_labels.csv")
     assert list(calls.columns) == CALLS
     rows = list(calls.itertuples(index=False))
     assert rows == sorted(rows, key=lambda r: (r.recording_id, r.t_min, r.species_id))
     assert ((calls.t_min >= 0) & (calls.t_min < calls.t_max) & (calls.t_max <= 60)).all()
     for row in calls.itertuples(index=False):
-        assert (row.f_min, row.f_max) in {(b.f_min, b.f_max) for b in synth.SPECIES_FACTS[row.species_id].boxes}
+        assert (row.f_min, row.f_max) in {(b.f_min, b.f_max) for b in demo_set.SPECIES_FACTS[row.species_id].boxes}
     from_calls = calls.groupby("recording_id").species_id.apply(set).to_dict()
     from_labels = {r[0]: {k for k in range(24) if r[k + 1] == 1} for r in labels.itertuples(index=False)}
     assert from_calls == from_labels == {rid: set(p.species) for rid, p in layout.items() if p.split == "test"}
@@ -221,18 +221,18 @@ def test_test_labels_agree_with_test_calls(demo: Path, layout: dict[str, synth.P
 
 
 def test_species_3_calls_in_most_test_recordings() -> None:
-    test = [p for p in synth.plan(24, 40, seed=6) if p.split == "test"]
+    test = [p for p in demo_set.plan(24, 40, seed=6) if p.split == "test"]
     share = np.mean([[k in p.species for k in range(24)] for p in test], axis=0)
     assert share[3] == 0.75  # round(0.75 x 40) recordings
     assert np.delete(share, 3).max() <= 0.25
-    flat = synth.plan(24, 40, seed=6, difficulty=synth.Difficulty(common_species=None))[24:]
+    flat = demo_set.plan(24, 40, seed=6, difficulty=demo_set.Difficulty(common_species=None))[24:]
     assert np.mean([3 in p.species for p in flat]) < 0.3
 
 
 def test_species_tables_cover_24_species() -> None:
-    assert [f.species_id for f in synth.SPECIES_FACTS] == list(range(24))
-    assert len(synth.SPECIES_PATTERNS) == 24
-    for facts in synth.SPECIES_FACTS:
+    assert [f.species_id for f in demo_set.SPECIES_FACTS] == list(range(24))
+    assert len(demo_set.SPECIES_PATTERNS) == 24
+    for facts in demo_set.SPECIES_FACTS:
         assert 1 <= len(facts.boxes) <= 4 and facts.rows == sum(b.rows for b in facts.boxes)
         assert 0 < facts.dur_min <= facts.dur_median <= facts.dur_max < 8
         assert all(93.75 <= b.f_min < b.f_max <= 13687.5 for b in facts.boxes)
@@ -241,8 +241,8 @@ def test_species_tables_cover_24_species() -> None:
 def test_species_table_matches_the_real_train_tp(shared_rfcx: Path) -> None:
     real = pd.read_csv(shared_rfcx / "train_tp.csv")
     real["duration"] = real.t_max - real.t_min
-    assert len(real) == sum(f.rows for f in synth.SPECIES_FACTS) == 1216
-    for facts in synth.SPECIES_FACTS:
+    assert len(real) == sum(f.rows for f in demo_set.SPECIES_FACTS) == 1216
+    for facts in demo_set.SPECIES_FACTS:
         rows = real[real.species_id == facts.species_id]
         assert len(rows) == facts.rows
         boxes = rows.groupby(["songtype_id", "f_min", "f_max"]).size()
@@ -255,13 +255,13 @@ def test_species_table_matches_the_real_train_tp(shared_rfcx: Path) -> None:
 
 def test_build_rejects_bad_sizes_and_foreign_folders(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="recordings"):
-        synth.build(tmp_path / "a", recordings=0)
+        demo_set.build(tmp_path / "a", recordings=0)
     with pytest.raises(ValueError, match="test_recordings"):
-        synth.build(tmp_path / "a", recordings=3, test_recordings=0)
+        demo_set.build(tmp_path / "a", recordings=3, test_recordings=0)
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not a demo build"):
-        synth.build(tmp_path / "b", recordings=1)
+        demo_set.build(tmp_path / "b", recordings=1)
     assert (tmp_path / "b" / "notes.txt").read_text() == "mine"
 
 
@@ -290,7 +290,7 @@ def test_cli_refuses_a_foreign_folder_and_builds(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "1 train + 1 test recordings" in proc.stdout
     assert len(list((tmp_path / "new" / "train").glob("*.flac"))) == 1
-    calls = len(synth.plan(1, 1, 3)[0].calls)
+    calls = len(demo_set.plan(1, 1, 3)[0].calls)
     assert len(_read(tmp_path / "new" / "train_tp.csv")) == calls > 1 and f"{calls} train_tp rows" in proc.stdout
 
 

@@ -21,10 +21,12 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import COLUMNS, make_data_dir
-from rfcx_mlops import config, serve
-from rfcx_mlops import tracking as tracking_module
-from rfcx_mlops.serve import Scorer
-from rfcx_mlops.fit import train_fold
+from rfcx_mlops import config
+from rfcx_mlops.errors import ConfigError
+from rfcx_mlops.infer import servable
+from rfcx_mlops.infer.scorer import Scorer, download_weights
+from rfcx_mlops.jobs.fit import train_fold
+from rfcx_mlops.track import checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "tiny.yaml"
@@ -115,16 +117,16 @@ def test_run_artifacts(mlflow_run, tmp_path):
     assert cfg.train.epochs == 2 and cfg.seed == 27
     ap = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/species_ap.csv").splitlines()
     assert ap[0] == "species_id,average_precision" and len(ap) == 25
-    servable = serve.download_weights(run.data.tags["model_uri"], tmp_path, client)
-    best = keras.models.load_model(servable, compile=False)
+    weights = download_weights(run.data.tags["model_uri"], tmp_path, client)
+    best = keras.models.load_model(weights, compile=False)
     assert best.input_shape == (None, 32, 64, 1) and best.output_shape == (None, 24)
-    assert not optimizer_state(servable)
+    assert not optimizer_state(weights)
     model = client.get_logged_model(run.data.tags["model_uri"].removeprefix("models:/"))
     requirements = Path(mlflow.artifacts.download_artifacts(
         artifact_uri=f"{model.artifact_location}/requirements.txt", dst_path=str(tmp_path / "req"),
         tracking_uri=client.tracking_uri)).read_text().split()
     # What serving needs, at the versions trained with; nothing for training or tuning (optuna, matplotlib, ...).
-    assert sorted(r.split("==")[0] for r in requirements) == sorted(serve.SERVING_PACKAGES)
+    assert sorted(r.split("==")[0] for r in requirements) == sorted(servable.SERVING_PACKAGES)
 
 
 def test_resuming_a_finished_run_trains_and_logs_nothing(mlflow_run, tmp_path):
@@ -166,7 +168,7 @@ def optimizer_state(keras_file) -> bool:
 
 def logged_model(run_id: str, folder: Path) -> keras.Model:
     model_uri = MlflowClient().get_run(run_id).data.tags["model_uri"]
-    return keras.models.load_model(serve.download_weights(model_uri, folder), compile=False)
+    return keras.models.load_model(download_weights(model_uri, folder), compile=False)
 
 
 HEADER = ",".join(COLUMNS) + "\n"
@@ -228,7 +230,7 @@ def test_checkpoints_hold_each_epoch_s_weights_once(tracking, tmp_path):
     epoch replaces them in last.keras; a finished run drops both."""
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     model.compile(optimizer="adam", loss="mse")
-    logger = tracking_module.EpochLogger(8, tmp_path, model)
+    logger = checkpoints.EpochLogger(8, tmp_path, model)
     logger.set_model(model)
     client = MlflowClient()
 
@@ -251,16 +253,16 @@ def test_checkpoints_hold_each_epoch_s_weights_once(tracking, tmp_path):
         assert all((w == 2).all() for w in logger.best_weights) and logger.best_epoch == 2
         tags = client.get_run(rid).data.tags
         assert (tags["checkpoint_epoch"], tags["best_epoch"]) == ("4", "2")
-        resumed = tracking_module.best_weights(rid, 2, 4, model, tmp_path / "resume")
+        resumed = checkpoints.best_weights(rid, 2, 4, model, tmp_path / "resume")
         assert all((w == 2).all() for w in resumed)  # from best.keras, not from the last epoch
-        tracking_module.drop_checkpoints(rid, keep_last=False)
+        checkpoints.drop_checkpoints(rid, keep_last=False)
         assert stored(rid) == []
 
 
 def test_resuming_a_run_without_checkpoint_is_refused_and_leaves_it_alone(tiny_data, tracking):
     client = MlflowClient()
     bare = client.create_run(mlflow.get_experiment_by_name("tests").experiment_id)
-    with pytest.raises(config.ConfigError, match=f"resume: run {bare.info.run_id} has no checkpoint"):
+    with pytest.raises(ConfigError, match=f"resume: run {bare.info.run_id} has no checkpoint"):
         train_fold(tiny_cfg(tiny_data), 1, resume=bare.info.run_id)
     assert client.get_run(bare.info.run_id).info.status == "RUNNING"
 
@@ -332,8 +334,9 @@ def test_weak_label_recipe_picks_the_epoch_by_whole_recordings(tiny_data, tracki
     """Masked loss, windows on train_fp rows and at random places, mixup, SpecAugment and the attention head
     train; val_recording_lwlrap is logged every epoch, picks the best one, and is what the logged model scores
     on the validation recordings, whole; the model scores them over time step by step."""
-    from rfcx_mlops import dataset, folds
-    from rfcx_mlops.metrics import lwlrap
+    from rfcx_mlops.data import folds
+    from rfcx_mlops.jobs.fit import prepare
+    from rfcx_mlops.learn.metrics import lwlrap
 
     cfg = tiny_cfg(tiny_data, **{
         "model.activation": "sigmoid", "model.loss": "masked", "model.unknown_weight": 0.1, "train.fp_windows": 0.5,
@@ -351,7 +354,7 @@ def test_weak_label_recipe_picks_the_epoch_by_whole_recordings(tiny_data, tracki
     assert run.data.metrics["best_val_recording_lwlrap"] == pytest.approx(max(history)) == result.best_value
     assert result.best_epoch == 1 + int(np.argmax(history)) and "best_val_lwlrap" not in run.data.metrics
 
-    data = dataset.prepare(cfg)
+    data = prepare(cfg)
     _, val = folds.by_fold(data.tp, folds.assign_folds(data.tp, cfg.folds.n_splits, cfg.seed), 1)
     scorer = Scorer([logged_model(result.run_id, tmp_path)], cfg, hop_seconds=2.5)
     ids = sorted(val["recording_id"].unique())
@@ -367,10 +370,10 @@ def test_weak_label_recipe_picks_the_epoch_by_whole_recordings(tiny_data, tracki
 
 
 def test_random_windows_are_a_seeded_draw_inside_the_training_recordings():
-    from rfcx_mlops.audio import AudioInfo
-    from rfcx_mlops.fit import _random_windows
+    from rfcx_mlops.data.audio import AudioInfo
+    from rfcx_mlops.jobs.fit import _random_windows
 
-    infos = {rid: AudioInfo(Path(f"{rid}.flac"), 48000, int(seconds * 48000), 1, "PCM_16") for rid, seconds in (("a", 60.0), ("b", 7.0), ("c", 60.0))}
+    infos = {rid: AudioInfo(Path(f"{rid}.flac"), 48000, int(seconds * 48000)) for rid, seconds in (("a", 60.0), ("b", 7.0), ("c", 60.0))}
     cfg = config.load(None, {"data.crop_seconds": 5.0})
     placed = _random_windows(["a", "b"], infos, cfg, 400)
     assert len(placed) == 400 and set(placed["recording_id"]) == {"a", "b"}  # never "c", outside the pool
@@ -383,7 +386,7 @@ def test_random_windows_are_a_seeded_draw_inside_the_training_recordings():
 def test_a_run_of_hours_on_a_cpu_says_so_in_one_line(caplog):
     import tensorflow as tf
 
-    from rfcx_mlops import fit
+    from rfcx_mlops.jobs import fit
 
     if tf.config.list_physical_devices("GPU"):
         pytest.skip("a GPU is here: nothing to warn about")

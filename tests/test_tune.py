@@ -18,9 +18,9 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from conftest import free_port, start_server
-from rfcx_mlops import study as studies
 from rfcx_mlops import tune
-from rfcx_mlops.config import ConfigError
+from rfcx_mlops.errors import ConfigError
+from rfcx_mlops.jobs import study as studies
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "tiny.yaml"

@@ -1,5 +1,4 @@
-"""Where and when: species events from scores over time, Raven Pro selection tables and Audacity label tracks,
-event-level scores.
+"""Where and when: species events from scores over time, event-level scores, pictures.
 
 A recording's ``Timeline`` holds its species scores over time: each stretch between window
 edges gets, per species, the lowest score of the windows that contain it all, so a call lights
@@ -11,21 +10,18 @@ detections: stretches at or above a species' threshold, merged across gaps short
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from rfcx_mlops.config import ConfigError, DetectConfig, read_csv
+from rfcx_mlops.config import DetectConfig, read_csv
+from rfcx_mlops.data.raven import species_name
+from rfcx_mlops.errors import ConfigError
 
 DETECTION_COLUMNS = ["recording_id", "species_id", "t_start", "t_end", "f_low", "f_high", "score"]
-RAVEN_COLUMNS = ["Selection", "View", "Channel", "Begin Time (s)", "End Time (s)", "Low Freq (Hz)",
-                 "High Freq (Hz)", "Species", "Score"]
 SPECIES_FILE = "species.csv"  # a run's species: id, name, frequency band
-RAVEN_SUFFIX = ".Table.1.selections.txt"  # Raven Pro's own name for a recording's first selection table
-AUDACITY_SUFFIX = ".labels.txt"
 
 
 @dataclass(frozen=True)
@@ -90,17 +86,13 @@ def thresholds(cfg: DetectConfig, n_classes: int) -> np.ndarray:
     return out
 
 
-def _name(names: dict[int, str], species) -> str:
-    return names.get(int(species), f"s{int(species)}")
-
-
 def species_table(tp: pd.DataFrame, n_classes: int, fmin: float, fmax: float,
                   names: dict[int, str] | None = None) -> pd.DataFrame:
     """What a run records of its species (``SPECIES_FILE``): species_id, name (``names``, else s<id>) and the
     frequency band of its labelled calls (lowest f_min to highest f_max; ``fmin``-``fmax`` without calls)."""
     bands = tp.groupby("species_id").agg(f_low=("f_min", "min"), f_high=("f_max", "max"))
     bands = bands.reindex(range(n_classes)).fillna({"f_low": fmin, "f_high": fmax})
-    bands.insert(0, "name", [_name(names or {}, k) for k in range(n_classes)])
+    bands.insert(0, "name", [species_name(names or {}, k) for k in range(n_classes)])
     return bands.rename_axis("species_id").reset_index()
 
 
@@ -110,30 +102,6 @@ def detections(recording_id: str, line: Timeline, thresholds: np.ndarray, min_ga
     found = events(line, thresholds, min_gap).merge(species, on="species_id", how="left")
     found.insert(0, "recording_id", recording_id)
     return found[DETECTION_COLUMNS]
-
-
-def write_raven(rows: pd.DataFrame, path: Path, names: dict[int, str] | None = None) -> Path:
-    """One recording's detections as a Raven Pro selection table (tab-separated, Raven's column names)."""
-    names = names or {}
-    with open(path, "w", newline="") as fh:
-        out = csv.writer(fh, delimiter="\t", lineterminator="\n")
-        out.writerow(RAVEN_COLUMNS)
-        for selection, row in enumerate(rows.itertuples(index=False), 1):
-            out.writerow([selection, "Spectrogram 1", 1, f"{row.t_start:.6f}", f"{row.t_end:.6f}", f"{row.f_low:.3f}",
-                          f"{row.f_high:.3f}", _name(names, row.species_id), f"{row.score:.6f}"])
-    return path
-
-
-def write_audacity(rows: pd.DataFrame, path: Path, names: dict[int, str] | None = None) -> Path:
-    """One recording's detections as an Audacity label track: a region label per detection ("name score"),
-    followed by its band on a ``\\`` line (Audacity's format with frequency ranges, which its spectrogram
-    view shows as a spectral selection)."""
-    names = names or {}
-    with open(path, "w", newline="") as fh:
-        for row in rows.itertuples(index=False):
-            fh.write(f"{row.t_start:.6f}\t{row.t_end:.6f}\t{_name(names, row.species_id)} {row.score:.2f}\n"
-                     f"\\\t{row.f_low:.3f}\t{row.f_high:.3f}\n")
-    return path
 
 
 def match(found: pd.DataFrame, calls: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -162,51 +130,6 @@ def event_scores(found: pd.DataFrame, calls: pd.DataFrame, n_classes: int) -> pd
         per["precision"] = per["right"] / per["detections"]
         per["recall"] = per["found"] / per["calls"]
     return per.rename_axis("species_id").reset_index()
-
-
-class RavenError(ValueError):
-    """A selection table that cannot be read; the message names the file and line."""
-
-
-RAVEN_NEEDED = ["Begin Time (s)", "End Time (s)", "Low Freq (Hz)", "High Freq (Hz)"]
-
-
-def read_raven(path: Path, label_column: str = "Species") -> pd.DataFrame:
-    """A Raven selection table's boxes: columns selection, t_start, t_end, f_low, f_high, label, line.
-
-    Raven lists a selection once per view (waveform and spectrogram rows share its number): one
-    row per selection is kept.  A selection number twice in one view is refused.
-    """
-    try:
-        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise RavenError(f"{path}: not a tab-separated selection table ({str(exc).strip()})") from None
-    missing = [c for c in ["Selection", *RAVEN_NEEDED, label_column] if c not in table.columns]
-    if missing:
-        raise RavenError(f"{path}: no column {', '.join(repr(c) for c in missing)} "
-                         f"(it has {', '.join(repr(c) for c in table.columns)})")
-    table["line"] = np.arange(2, len(table) + 2)
-    view = table["View"] if "View" in table.columns else pd.Series("", index=table.index)
-    twice = table[table.assign(view=view).duplicated(["Selection", "view"], keep=False)]
-    if len(twice):
-        first = twice.iloc[0]
-        lines = twice.loc[twice["Selection"] == first["Selection"], "line"].tolist()
-        raise RavenError(f"{path}: selection {first['Selection']} appears twice in one view (lines "
-                         f"{', '.join(map(str, lines))})")
-    table = table.drop_duplicates("Selection")
-    out = pd.DataFrame({"selection": table["Selection"], "label": table[label_column].str.strip(),
-                        "line": table["line"]})
-    for column, name in zip(RAVEN_NEEDED, ["t_start", "t_end", "f_low", "f_high"]):
-        values = pd.to_numeric(table[column], errors="coerce")
-        bad = table.loc[values.isna(), "line"]
-        if len(bad):
-            raise RavenError(f"{path} line {bad.iloc[0]}: {column} is not a number")
-        out[name] = values.to_numpy(float)
-    wrong = out[(out["t_end"] <= out["t_start"]) | (out["f_high"] <= out["f_low"]) | (out["t_start"] < 0)]
-    if len(wrong):
-        raise RavenError(f"{path} line {wrong['line'].iloc[0]}: the box must have 0 <= begin < end time and "
-                         f"low < high frequency")
-    return out.reset_index(drop=True)
 
 
 def picture(features, y: np.ndarray, line: Timeline, found: pd.DataFrame, thresholds: np.ndarray,
@@ -239,10 +162,10 @@ def picture(features, y: np.ndarray, line: Timeline, found: pd.DataFrame, thresh
     for d in found.itertuples(index=False):
         low, high = row(d.f_low), row(d.f_high)
         spec.add_patch(_box(d.t_start, low, d.t_end - d.t_start, high - low, colours[d.species_id]))
-        spec.text(d.t_start, high, f"{_name(names, d.species_id)} {d.score:.2f}",
+        spec.text(d.t_start, high, f"{species_name(names, d.species_id)} {d.score:.2f}",
                   color=colours[d.species_id], fontsize=8, va="bottom")
     for k in species[:top]:
-        curves.stairs(line.scores[:, k], line.edges, color=colours[k], label=_name(names, k))
+        curves.stairs(line.scores[:, k], line.edges, color=colours[k], label=species_name(names, k))
         curves.axhline(thresholds[k], color=colours[k], linestyle=":", linewidth=0.8)
     curves.set_ylim(0, 1)
     curves.set_xlim(0, duration)

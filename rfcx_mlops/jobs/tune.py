@@ -1,13 +1,16 @@
-"""A tuning trial, tracked in MLflow: train its folds, feed the pruner, record its state on its runs.
+"""Tuning, tracked in MLflow: a worker's trials of an Optuna study, each training its folds and feeding the pruner.
 
-``tune`` (the command line) opens the study; ``optimize`` runs its trials here, each as nested
-MLflow runs under one parent run per worker.
+``run`` opens the study (``study``) and runs trials until it holds ``Tuning.n_trials`` counted
+ones; each trial is nested MLflow runs under one parent run per worker, and its final state is
+recorded on them.  The command line is ``python -m rfcx_mlops.tune`` (``tune.py``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +21,13 @@ import optuna
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from rfcx_mlops import fit, tracking
-from rfcx_mlops.config import Config, to_yaml, with_overrides
-from rfcx_mlops.dataset import Dataset
-from rfcx_mlops.study import SearchSpace, redact
+from rfcx_mlops import streams
+from rfcx_mlops.config import Config, flatten, to_yaml, with_overrides
+from rfcx_mlops.data.folder import Dataset
+from rfcx_mlops.jobs import fit
+from rfcx_mlops.jobs.study import SearchSpace, open_study, redact, scheme
+from rfcx_mlops.streams import Purpose
+from rfcx_mlops.track import checkpoints, runs
 
 log = logging.getLogger("rfcx_mlops.tune")
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # what --n-trials counts; a failed trial is not counted
@@ -53,7 +59,7 @@ class RequeueStale:
             runs = _trial_runs(parent, study.study_name, trial.number)
             for run in runs:
                 client.set_tag(run.info.run_id, "trial_state", TrialState.FAIL.name)
-                tracking.drop_checkpoints(run.info.run_id, keep_last=False)  # the trial runs again from scratch
+                checkpoints.drop_checkpoints(run.info.run_id, keep_last=False)  # the trial runs again from scratch
             for run in [client.get_run(parent), *runs]:
                 if run.info.status == "RUNNING":
                     client.set_tag(run.info.run_id, "failure_reason", reason)
@@ -106,7 +112,7 @@ def state_tag(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         for key, value in tags.items():
             client.set_tag(run.info.run_id, key, value)
         if trial.state == TrialState.FAIL:  # a failed trial is not resumed: its draw is queued anew or dropped
-            tracking.drop_checkpoints(run.info.run_id, keep_last=False)
+            checkpoints.drop_checkpoints(run.info.run_id, keep_last=False)
 
 
 class Objective:
@@ -128,8 +134,8 @@ class Objective:
         try:
             cfg = with_overrides(self.cfg, values)
             if len(self.folds) == 1:
-                value, pruned = self._fold(trial, cfg, self.folds[0], 0, self.parent_run_id,
-                                           {**tags, "mlflow.runName": f"trial-{trial.number}"})
+                value, pruned = self._fold(trial, cfg, self.folds[0], 0, self.parent_run_id, tags,
+                                           run_name=f"trial-{trial.number}")
             else:
                 value, pruned = self._folds(trial, cfg, tags)
         except Exception as exc:
@@ -141,18 +147,18 @@ class Objective:
             raise optuna.TrialPruned(f"{self.cfg.train.monitor} below the median of earlier trials at epoch {pruned}")
         return value
 
-    def _fold(self, trial, cfg, fold, index, parent, tags) -> tuple[float, int | None]:
+    def _fold(self, trial, cfg, fold, index, parent, tags, run_name=None) -> tuple[float, int | None]:
         reporter = _Reporter(trial, index * cfg.train.epochs, cfg.train.monitor)
         result = fit.train_fold(cfg, fold, data=self.data, parent_run_id=parent, callbacks=(reporter,), tags=tags,
-                                  log_model=self.keep_models)
+                                run_name=run_name, log_model=self.keep_models)
         return result.best_value, reporter.pruned_at
 
     def _folds(self, trial, cfg, tags) -> tuple[float, int | None]:
         """Several folds: a trial run with the mean, the folds' runs nested in it."""
-        with tracking.tracked_run(run_name=f"trial-{trial.number}", parent_run_id=self.parent_run_id,
+        with runs.tracked_run(run_name=f"trial-{trial.number}", parent_run_id=self.parent_run_id,
                                   nested=True) as run:
             mlflow.set_tags({**tags, "folds": ",".join(map(str, self.folds))})
-            tracking.log_config(cfg)
+            runs.log_config(cfg)
             scores = []
             for index, fold in enumerate(self.folds):
                 value, pruned = self._fold(trial, cfg, fold, index, run.info.run_id, tags)
@@ -165,11 +171,15 @@ class Objective:
         return float(np.mean(scores)), None
 
 
+def state_counts(study: optuna.Study) -> dict[str, int]:
+    """How many of the study's trials are in each state, by the state's name in lower case."""
+    return {s.name.lower(): sum(t.state == s for t in study.trials) for s in TrialState}
+
+
 def log_study(study: optuna.Study) -> dict[str, Any] | None:
     """Best value and params and Optuna's plots on the active (parent) run; the best trial's summary."""
     done = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    counts = {s.name.lower(): sum(t.state == s for t in study.trials) for s in TrialState}
-    mlflow.log_metrics({f"trials_{k}": v for k, v in counts.items()})
+    mlflow.log_metrics({f"trials_{k}": v for k, v in state_counts(study).items()})
     if not done:
         return None
     best = study.best_trial
@@ -194,44 +204,79 @@ def log_study(study: optuna.Study) -> dict[str, Any] | None:
     return {"value": best.value, "number": best.number, "params": best.params}
 
 
-def optimize(study: optuna.Study, cfg: Config, data: Dataset, folds: list[int], space: SearchSpace,
-             args) -> tuple[dict[str, Any] | None, str]:
-    """Trials until the study holds ``args.n_trials`` counted ones, in one MLflow parent run.
+@dataclass(frozen=True)
+class Tuning:
+    """A tuning worker's settings (``python -m rfcx_mlops.tune``'s flags, checked)."""
 
-    Returns the best trial's summary (None before any completed) and, when this worker stopped
-    after ``MAX_FAILURES_IN_A_ROW`` failed trials in a row, the last error ("" otherwise).
-    """
-    counted = sum(t.state in COUNTED for t in study.trials)
-    remaining = args.n_trials - counted
-    tracking.use_default_experiment()
-    with tracking.tracked_run(run_name=f"study-{study.study_name}") as parent:
+    config: str  # the preset file
+    search: str  # the search space file
+    storage: str  # an Optuna storage URL
+    study_name: str
+    n_trials: int  # completed or pruned trials the study should hold
+    timeout: float | None  # seconds after which no trial starts
+    folds: tuple[int, ...]  # the folds each trial trains
+    keep_models: bool
+    heartbeat: int  # seconds between a running trial's heartbeats
+
+
+def sampler_seed(seed: int, storage_url: str, n_existing: int) -> int:
+    """Reproducible for a single SQLite worker; workers sharing a server database draw apart."""
+    keys = (n_existing,) if scheme(storage_url) == "sqlite" else (n_existing, os.getpid())
+    return int(streams.seed_sequence(seed, Purpose.TUNE_SAMPLER, *keys).generate_state(1)[0])
+
+
+def run(cfg: Config, space: SearchSpace, tuning: Tuning) -> tuple[optuna.Study, dict[str, Any] | None, str]:
+    """Open the study and run this worker's trials: the study, the best trial's summary (None before any
+    completed) and, when this worker stopped after ``MAX_FAILURES_IN_A_ROW`` failed trials in a row, the last
+    error ("" otherwise)."""
+    data = fit.prepare(cfg)  # loaded and checked once: bad data fails here, not in every trial
+    preset = flatten(cfg)
+    study = open_study(
+        tuning.storage, tuning.study_name, heartbeat=tuning.heartbeat, stale_trial=RequeueStale(),
+        first_trial={r.key: preset[r.key] for r in space.ranges},
+        sampler_for=lambda n_existing: optuna.samplers.TPESampler(
+            seed=sampler_seed(cfg.seed, tuning.storage, n_existing), n_startup_trials=space.sampler_startup_trials),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=space.pruner_startup_trials,
+                                           n_warmup_steps=space.pruner_warmup_epochs))
+    runs.use_default_experiment()
+    with runs.tracked_run(run_name=f"study-{study.study_name}") as parent:
         # Under `mlflow run -e tune` this is the run MLflow opened, which holds the -P values as plain params.
-        mlflow.set_tags({"mlflow.runName": f"study-{study.study_name}", "study": study.study_name,
-                         "storage": redact(args.storage), "preset": cfg.name, "git_commit": tracking.git_commit(),
-                         "folds": ",".join(map(str, folds))})
-        mlflow.log_params({"tune.n_trials": args.n_trials, "tune.timeout": args.timeout, "tune.folds": args.folds,
-                           "tune.search": args.search, "tune.config": args.config})
-        mlflow.log_text(to_yaml(cfg), "config.yaml")
-        mlflow.log_text(Path(args.search).read_text(), "search.yaml")
-        objective = Objective(cfg, data, folds, space, parent.info.run_id, study.study_name, args.keep_models)
+        _log_worker(cfg, study, tuning)
+        objective = Objective(cfg, data, list(tuning.folds), space, parent.info.run_id, study.study_name,
+                              tuning.keep_models)
         failures = _FailureLimit(MAX_FAILURES_IN_A_ROW)
-        if remaining > 0:
-            log.info("study %s: %d of %d trials done", study.study_name, counted, args.n_trials)
-            enough = optuna.study.MaxTrialsCallback(args.n_trials, states=COUNTED)
-            try:
-                study.optimize(objective, timeout=args.timeout, catch=(Exception,),
-                               callbacks=[state_tag, enough, failures])
-            except KeyboardInterrupt:
-                if objective.current is not None:  # the interrupted draw runs first next time
-                    study.enqueue_trial(objective.current.params)
-                    state_tag(study, next(t for t in study.get_trials(deepcopy=False)
-                                          if t.number == objective.current.number))
-                raise
-        else:
-            log.info("study %s already holds %d completed or pruned trials (--n-trials %d)", study.study_name,
-                     counted, args.n_trials)
+        _optimize(study, objective, failures, tuning)
         best = log_study(study)
-    return best, failures.last_error if failures.tripped else ""
+    return study, best, failures.last_error if failures.tripped else ""
+
+
+def _log_worker(cfg: Config, study: optuna.Study, tuning: Tuning) -> None:
+    folds = ",".join(map(str, tuning.folds))
+    mlflow.set_tags(runs.tags(cfg, study=study.study_name, storage=redact(tuning.storage), folds=folds))
+    mlflow.log_params({"tune.n_trials": tuning.n_trials, "tune.timeout": tuning.timeout, "tune.folds": folds,
+                       "tune.search": tuning.search, "tune.config": tuning.config})
+    mlflow.log_text(to_yaml(cfg), "config.yaml")
+    mlflow.log_text(Path(tuning.search).read_text(), "search.yaml")
+
+
+def _optimize(study: optuna.Study, objective: Objective, failures: _FailureLimit, tuning: Tuning) -> None:
+    """Trials until the study holds ``tuning.n_trials`` counted ones; a Ctrl-C queues the interrupted draw to run
+    first next time."""
+    counted = sum(t.state in COUNTED for t in study.trials)
+    if counted >= tuning.n_trials:
+        log.info("study %s already holds %d completed or pruned trials (--n-trials %d)", study.study_name,
+                 counted, tuning.n_trials)
+        return
+    log.info("study %s: %d of %d trials done", study.study_name, counted, tuning.n_trials)
+    enough = optuna.study.MaxTrialsCallback(tuning.n_trials, states=COUNTED)
+    try:
+        study.optimize(objective, timeout=tuning.timeout, catch=(Exception,), callbacks=[state_tag, enough, failures])
+    except KeyboardInterrupt:
+        if objective.current is not None:
+            study.enqueue_trial(objective.current.params)
+            state_tag(study, next(t for t in study.get_trials(deepcopy=False)
+                                  if t.number == objective.current.number))
+        raise
 
 
 class _FailureLimit:

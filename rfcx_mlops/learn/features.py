@@ -13,7 +13,8 @@ phase vocoder the waveform path runs.  What to apply comes from the augmentation
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import dataclasses
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import keras
 import librosa
@@ -22,10 +23,10 @@ import scipy.fft
 import scipy.sparse
 from numpy.lib.stride_tricks import sliding_window_view
 
-from rfcx_mlops.config import FeatureConfig
+from rfcx_mlops.config import Config, FeatureConfig
 
 if TYPE_CHECKING:
-    from rfcx_mlops.augment import SpectralDraw
+    from rfcx_mlops.learn.augment import SpectralDraw
 
 _BLOCK_FRAMES = 128  # 1 MB of float32 frames at n_fft 2048
 
@@ -49,10 +50,10 @@ def mel_filterbank(sample_rate: int, cfg: FeatureConfig, ratio: float = 1.0) -> 
 class MelFeatures:
     """Waveform -> float32 (n_mels, frames) log-mel image scaled to [0, 1].
 
-    Power mel spectrogram, ``power_to_db`` (the seed applied ``amplitude_to_db`` to
-    power, which halved its dynamic range), optionally each band's median level
-    subtracted (what stands above the steady background), the time axis resized to
-    ``frames`` by linear interpolation, then min-max scaling per sample.
+    Power mel spectrogram, ``power_to_db`` (10 log10 for a power: ``amplitude_to_db``'s
+    20 log10 would double every level and leave top_db half the dynamic range), optionally
+    each band's median level subtracted (what stands above the steady background), the time
+    axis resized to ``frames`` by linear interpolation, then min-max scaling per sample.
 
     ``max_semitones`` > 0 prepares the warped filterbanks for pitch shifts in
     [-max_semitones, max_semitones].
@@ -205,6 +206,65 @@ class MelFrontEnd(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), **self.settings}
+
+
+class AugmentedAudio(NamedTuple):
+    """A training batch for ``ImagesInModel`` with augmentation: the windows after the waveform-domain
+    augmentations, and each one's spectrogram-domain draw, which ``TFMelFeatures`` applies as it makes the
+    images.  Keras is given it as a dict of these fields."""
+
+    audio: np.ndarray  # (batch, samples) float32
+    semitones: np.ndarray  # (batch,) int32
+    gain_db: np.ndarray  # (batch, STFT frames) float32
+    mel_kept: np.ndarray  # (batch, n_mels) float32
+    frames_kept: np.ndarray  # (batch, frames) float32
+
+
+class ImagesByWorkers:
+    """``features.backend: numpy``: the data workers make the images; the model takes (n_mels, frames, 1) images."""
+
+    in_model = False
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.mel = MelFeatures(cfg.features, cfg.data.sample_rate)
+
+    @property
+    def window_bytes(self) -> int:
+        """A window's model input in float32."""
+        return 4 * self.cfg.features.n_mels * self.cfg.features.frames
+
+    def model_inputs(self, windows: np.ndarray) -> np.ndarray:
+        """The model input of (n, samples) windows of audio."""
+        return np.stack([self.mel(w) for w in windows])[..., None]
+
+    def model(self, classifier: Callable[[str], keras.Model]) -> keras.Model:
+        """The model around ``classifier(name)``, which takes images."""
+        return classifier("resnet50_rfcx")
+
+
+class ImagesInModel(ImagesByWorkers):
+    """``features.backend: tensorflow``: the model's first layer (``MelFrontEnd``) makes the images, where the
+    model runs (a GPU); the model takes windows of audio, and the data workers send them."""
+
+    in_model = True
+
+    @property
+    def window_bytes(self) -> int:
+        return 4 * self.cfg.data.window_samples
+
+    def model_inputs(self, windows: np.ndarray) -> np.ndarray:
+        return windows
+
+    def model(self, classifier: Callable[[str], keras.Model]) -> keras.Model:
+        audio = keras.Input((self.cfg.data.window_samples,), name="audio")
+        images = MelFrontEnd(dataclasses.asdict(self.cfg.features), self.cfg.data.sample_rate, name="mel")(audio)
+        return keras.Model(audio, classifier("classifier")(images), name="resnet50_rfcx")
+
+
+def front_end(cfg: Config) -> ImagesByWorkers:
+    """Where a window of audio becomes the model's image: the one place ``features.backend`` is read."""
+    return ImagesInModel(cfg) if cfg.features.backend == "tensorflow" else ImagesByWorkers(cfg)
 
 
 def _median_last_axis(tf, x):

@@ -22,7 +22,8 @@ import optuna
 import sqlalchemy
 from sqlalchemy.pool import NullPool
 
-from rfcx_mlops.config import Config, ConfigError, flatten, read_yaml
+from rfcx_mlops.config import Config, flatten, read_yaml
+from rfcx_mlops.errors import ConfigError
 
 SCHEMES = ("sqlite", "postgresql")
 _STARTUP_LOCK_KEY = 0x7266_6378_7475_6E65  # any fixed key: every worker must take the same one
@@ -64,52 +65,55 @@ def load_space(path: str | Path) -> SearchSpace:
     """The search space file; every inconsistency is a ``ConfigError`` naming the file and key."""
     path = Path(path)
     doc = read_yaml(path, "search space file")
-
-    def fail(msg: str) -> ConfigError:
-        return ConfigError(f"{path}: {msg}")
-
     if not isinstance(doc, dict) or set(doc) - {"space", "sampler", "pruner"}:
-        raise fail("expected the sections space, sampler and pruner")
+        raise ConfigError(f"{path}: expected the sections space, sampler and pruner")
     space = doc.get("space")
     if not isinstance(space, dict) or not space:
-        raise fail("space: no ranges to search")
-    defaults = flatten(Config())
+        raise ConfigError(f"{path}: space: no ranges to search")
     ranges: list[Range] = []
     for key, spec in space.items():
-        default = defaults.get(key)
-        if isinstance(default, bool) or not isinstance(default, (int, float)):
-            raise fail(f"{key}: not a numeric config key")
-        if not isinstance(spec, dict) or not {"low", "high"} <= set(spec) or \
-                set(spec) - {"low", "high", "log", "step", "above"}:
-            raise fail(f"{key}: expected {{low, high}} and optionally log, step, above; got {spec!r}")
         try:
-            r = Range(key, float(spec["low"]), float(spec["high"]), bool(spec.get("log", False)),
-                      None if spec.get("step") is None else float(spec["step"]), spec.get("above"),
-                      isinstance(default, int))
-        except (TypeError, ValueError):
-            raise fail(f"{key}: low, high and step must be numbers; got {spec!r}") from None
-        if not r.low < r.high:
-            raise fail(f"{key}: empty or inverted range: low {r.low:g} must be below high {r.high:g}")
-        if r.log and r.low <= 0:
-            raise fail(f"{key}: a log range needs low > 0; got {r.low:g}")
-        if r.step is not None and not 0 < r.step <= r.high - r.low:
-            raise fail(f"{key}: step must be within (0, high - low]; got {r.step:g}")
-        if r.above is not None:
-            ref = next((x for x in ranges if x.key == r.above), None)
-            if ref is None:
-                raise fail(f"{key}: above: {r.above} must be a range listed before it")
-            if ref.high >= r.high:
-                raise fail(f"{key}: high {r.high:g} must exceed the high of {r.above} ({ref.high:g})")
-        ranges.append(r)
+            ranges.append(_range(key, spec, ranges))
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
 
     def count(section: str, name: str, default: int) -> int:
         value = (doc.get(section) or {}).get(name, default)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise fail(f"{section}.{name} must be an integer >= 0; got {value!r}")
+            raise ConfigError(f"{path}: {section}.{name} must be an integer >= 0; got {value!r}")
         return value
 
     return SearchSpace(tuple(ranges), count("sampler", "startup_trials", 4), count("pruner", "startup_trials", 3),
                        count("pruner", "warmup_epochs", 6))
+
+
+def _range(key: str, spec, before: list[Range]) -> Range:
+    """The range of config key ``key`` that ``spec`` gives, checked against the ranges ``before`` it."""
+    default = flatten(Config()).get(key)
+    if isinstance(default, bool) or not isinstance(default, (int, float)):
+        raise ConfigError(f"{key}: not a numeric config key")
+    if not isinstance(spec, dict) or not {"low", "high"} <= set(spec) or \
+            set(spec) - {"low", "high", "log", "step", "above"}:
+        raise ConfigError(f"{key}: expected {{low, high}} and optionally log, step, above; got {spec!r}")
+    try:
+        r = Range(key, float(spec["low"]), float(spec["high"]), bool(spec.get("log", False)),
+                  None if spec.get("step") is None else float(spec["step"]), spec.get("above"),
+                  isinstance(default, int))
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: low, high and step must be numbers; got {spec!r}") from None
+    if not r.low < r.high:
+        raise ConfigError(f"{key}: empty or inverted range: low {r.low:g} must be below high {r.high:g}")
+    if r.log and r.low <= 0:
+        raise ConfigError(f"{key}: a log range needs low > 0; got {r.low:g}")
+    if r.step is not None and not 0 < r.step <= r.high - r.low:
+        raise ConfigError(f"{key}: step must be within (0, high - low]; got {r.step:g}")
+    if r.above is not None:
+        ref = next((x for x in before if x.key == r.above), None)
+        if ref is None:
+            raise ConfigError(f"{key}: above: {r.above} must be a range listed before it")
+        if ref.high >= r.high:
+            raise ConfigError(f"{key}: high {r.high:g} must exceed the high of {r.above} ({ref.high:g})")
+    return r
 
 
 def redact(url: str) -> str:

@@ -8,14 +8,14 @@ from pathlib import Path
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from rfcx_mlops.config import ConfigError
+from rfcx_mlops.errors import ConfigError
 
 
 def assign_folds(events: pd.DataFrame, n_splits: int, seed: int) -> pd.Series:
     """The validation fold (1..n_splits) of every event row.
 
     Rows of one recording always share a fold, so no recording is on both sides
-    of a split (the seed notebook's StratifiedKFold on rows let them leak).
+    of a split (folds of rows, as StratifiedKFold makes, would leak a recording's calls into validation).
     """
     n_groups = events["recording_id"].nunique()
     if n_groups < n_splits:
@@ -33,13 +33,6 @@ def assign_folds(events: pd.DataFrame, n_splits: int, seed: int) -> pd.Series:
     except ValueError as exc:  # e.g. no species has n_splits calls
         raise ConfigError(f"cannot make {n_splits} stratified folds of this data: {exc}") from None
     return fold
-
-
-def split(events: pd.DataFrame, fold: int, n_splits: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(train rows, validation rows) of ``fold``, which is numbered from 1."""
-    if not 1 <= fold <= n_splits:
-        raise ConfigError(f"fold must be within 1..{n_splits}; got {fold}")
-    return by_fold(events, assign_folds(events, n_splits, seed), fold)
 
 
 def by_fold(events: pd.DataFrame, assigned: pd.Series, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:

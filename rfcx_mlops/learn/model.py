@@ -1,18 +1,18 @@
-"""ResNet50 (random, ImageNet's or a file's weights) with the seed's classification head or an attention head,
+"""ResNet50 (random, ImageNet's or a file's weights) with the seed preset's classification head or an attention head,
 built from the config; the wrapper that trains it where training needs more than the saved model holds."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import warnings
 
 import keras
 
-from rfcx_mlops.config import Config, ConfigError, check_files
-from rfcx_mlops.features import MelFrontEnd, TFMelFeatures
-from rfcx_mlops.metrics import MaskedBinaryCrossentropy, StreamingLWLRAP
+from rfcx_mlops.config import Config, check_files
+from rfcx_mlops.errors import ConfigError
+from rfcx_mlops.learn.features import AugmentedAudio, TFMelFeatures, front_end
+from rfcx_mlops.learn.metrics import MaskedBinaryCrossentropy, StreamingLWLRAP
 
 FRAME_SCORES = "frame_scores"  # the attention head's per-step scores
 
@@ -48,13 +48,7 @@ def build(cfg: Config, steps_per_epoch: int) -> keras.Model:
     of audio, which its ``MelFrontEnd`` turns into images before its ``classifier``.  Training
     wraps it (``for_training``) where augmentation has to reach the images.
     """
-    f = cfg.features
-    if f.backend != "tensorflow":
-        model = _classifier(cfg, "resnet50_rfcx")
-    else:
-        audio = keras.Input((cfg.data.window_samples,), name="audio")
-        images = MelFrontEnd(dataclasses.asdict(f), cfg.data.sample_rate, name="mel")(audio)
-        model = keras.Model(audio, _classifier(cfg, "classifier")(images), name="resnet50_rfcx")
+    model = front_end(cfg).model(lambda name: _classifier(cfg, name))
     model.compile(optimizer=keras.optimizers.Adam(learning_rate(cfg, steps_per_epoch)), **_compiled(cfg))
     return model
 
@@ -62,7 +56,7 @@ def build(cfg: Config, steps_per_epoch: int) -> keras.Model:
 def _classifier(cfg: Config, name: str) -> keras.Model:
     """ResNet50 and a head: (batch, n_mels, frames, 1) images -> (batch, n_classes) scores.
 
-    ``model.head: pooled`` is the seed's: the feature map averaged, two dense layers.
+    ``model.head: pooled`` is the seed preset's: the feature map averaged, two dense layers.
     ``attention`` (SED-style) scores each of the feature map's time steps (``frame_scores``,
     frames / 32 of them) and pools them over time with a learned weight per species and step.
     """
@@ -159,9 +153,9 @@ def _classifier_of(model: keras.Model) -> keras.Model:
 
 
 def for_training(model: keras.Model, cfg: Config) -> keras.Model:
-    """The model ``fit`` trains: ``model`` itself, or a ``Training`` wrapper sharing its weights and optimizer
+    """The model ``jobs.fit`` trains: ``model`` itself, or a ``Training`` wrapper sharing its weights and optimizer
     where training needs what the saved model must not carry (images augmented in the model, a loss on steps)."""
-    augmented = cfg.features.backend == "tensorflow" and cfg.augment.enabled
+    augmented = front_end(cfg).in_model and cfg.augment.enabled
     step_loss_weight = cfg.model.step_loss_weight if cfg.model.head == "attention" else 0.0
     if not augmented and not step_loss_weight:
         return model
@@ -175,8 +169,7 @@ class Training(keras.Model):
     """Trains ``model`` with what only training needs; the wrapper itself is never saved.
 
     - ``mel`` (``features.backend: tensorflow`` with augmentation): training batches are
-      ``{"audio", "semitones" (batch,), "gain_db" (batch, STFT frames), "mel_kept" (batch, n_mels),
-      "frames_kept" (batch, frames)}`` (``generator.WaveformBatches``), made into images that carry each
+      ``features.AugmentedAudio`` (``batches.WaveformBatches``), made into images that carry each
       sample's spectrogram-domain draw before ``model``'s classifier.  Validation batches are audio, which go
       through ``model`` unchanged.  So the augmentation never becomes part of ``model``: what is saved, resumed
       and served takes audio only.
@@ -200,8 +193,7 @@ class Training(keras.Model):
 
     def call(self, inputs, training=False):
         if isinstance(inputs, dict):
-            images = self.mel(inputs["audio"], inputs["semitones"], inputs["gain_db"], inputs["mel_kept"],
-                              inputs["frames_kept"])[..., None]
+            images = self.mel(*AugmentedAudio(**inputs))[..., None]
         elif self.with_steps is None:
             return self.inference(inputs, training=training)
         else:
@@ -219,13 +211,3 @@ class Training(keras.Model):
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         return super().compute_metrics(x, y, y_pred if self.with_steps is None else y_pred[0], sample_weight)
-
-
-def weights_only(model: keras.Model, weights: list) -> keras.Model:
-    """An uncompiled model of ``model``'s architecture holding ``weights``: saved, it has no optimizer state.
-
-    ``keras.models.clone_model`` would not do: its clone shares the original's optimizer and saves its slots.
-    """
-    copy = type(model).from_config(model.get_config())
-    copy.set_weights(weights)
-    return copy

@@ -12,12 +12,14 @@ import keras
 import numpy as np
 import pandas as pd
 
-from rfcx_mlops import augment
-from rfcx_mlops.audio import AudioInfo, read_window
+from rfcx_mlops import streams
 from rfcx_mlops.config import AugmentConfig, Config, ModelConfig
-from rfcx_mlops.dataset import no_events
-from rfcx_mlops.features import MelFeatures
-from rfcx_mlops.metrics import UNKNOWN
+from rfcx_mlops.data.audio import AudioInfo, read_window
+from rfcx_mlops.data.folder import no_events
+from rfcx_mlops.learn import augment
+from rfcx_mlops.learn.features import AugmentedAudio, MelFeatures, front_end
+from rfcx_mlops.learn.metrics import UNKNOWN
+from rfcx_mlops.streams import Purpose
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ def mixup(images: np.ndarray, labels: np.ndarray, known: np.ndarray, cfg: Config
 
 
 def window_start(t_min: float, t_max: float, crop_seconds: float, duration: float) -> float:
-    """Start of the crop centred on a call, moved inside the recording (the seed's rule)."""
+    """Start of the crop centred on a call, moved inside the recording (the seed preset's crop rule)."""
     start = (t_min + t_max) / 2 - crop_seconds / 2
     return float(max(0.0, min(start, duration - crop_seconds)))
 
@@ -115,16 +117,13 @@ def make_samples(events: pd.DataFrame, recordings: dict[str, AudioInfo], crop_se
     return Samples(ids, starts, labels, known)
 
 
-_MIXUP_STREAM = 2**32  # a batch's mixup Generator: [seed, epoch, batch, this]; no sample's draws use it
-
-
 class Batches(keras.utils.PyDataset):
     """What both kinds of batches share: the order of samples, their windows and their draws.
 
     Training mode reshuffles every epoch and augments each sample; validation mode
     yields every sample in order, the last partial batch included.  Every random
-    draw comes from a Generator seeded by (seed, epoch, sample), so the batches
-    depend only on the seed, never on worker count or timing.
+    draw comes from a stream of ``streams`` keyed by epoch and sample (or batch), so the
+    batches depend only on the seed, never on worker count or timing.
 
     Workers are threads sharing one cache: a training window is decoded once (kept as
     16-bit PCM, what the recordings hold), a validation image computed once.  The numpy
@@ -155,7 +154,7 @@ class Batches(keras.utils.PyDataset):
         n = len(self.samples)
         if not self.training:
             return np.arange(n)
-        rng = np.random.default_rng([self.cfg.seed, self.epoch])
+        rng = streams.rng(self.cfg.seed, Purpose.EPOCH_ORDER, self.epoch)
         steps = self.cfg.train.steps_per_epoch
         # A fixed number of steps may need more than one pass over the samples.
         passes = 1 if steps == 0 else math.ceil(steps * self.batch_size / n)
@@ -194,7 +193,7 @@ class Batches(keras.utils.PyDataset):
 
     def rng(self, i: int, epoch: int, repeat: int = 0) -> np.random.Generator:
         """The Generator of sample ``i``'s draws in ``epoch`` (its ``repeat``-th time there)."""
-        return np.random.default_rng([self.cfg.seed, epoch, i, repeat])
+        return streams.rng(self.cfg.seed, Purpose.SAMPLE_DRAWS, epoch, i, repeat)
 
     def _batch(self, index: int) -> list[tuple[int, int]]:
         """The (sample, repeat) pairs of batch ``index``."""
@@ -251,17 +250,17 @@ class SpectrogramBatches(Batches):
             return images, self.labels(batch)
         idx = [i for i, _ in batch]
         images, labels, known = mixup(images, self.samples.labels[idx], self.samples.known[idx], self.cfg,
-                                      np.random.default_rng([self.cfg.seed, self.epoch, index, _MIXUP_STREAM]))
+                                      streams.rng(self.cfg.seed, Purpose.MIXUP, self.epoch, index))
         return images, targets(labels, known, self.cfg.model)
 
 
 class WaveformBatches(Batches):
     """Batches for ``features.backend: tensorflow``, whose model makes the images where it runs.
 
-    Training with augmentation: ``{"audio", "semitones", "gain_db", "mel_kept", "frames_kept"}``, the windows after the
-    waveform-domain augmentations (noise, time shift) and each one's spectrogram-domain draw:
-    the gain per STFT frame and the masks (what ``model.Training`` applies).  Otherwise (validation): the
-    windows as ``(batch, samples)`` audio, what the saved model takes.
+    Training with augmentation: ``features.AugmentedAudio``, the windows after the waveform-domain
+    augmentations (noise, time shift) and each one's spectrogram-domain draw: the gain per STFT
+    frame and the masks (what ``model.Training`` applies).  Otherwise (validation): the windows as
+    ``(batch, samples)`` audio, what the saved model takes.
     """
 
     def __getitem__(self, index: int) -> tuple[np.ndarray | dict[str, np.ndarray], np.ndarray]:
@@ -272,10 +271,11 @@ class WaveformBatches(Batches):
             return audio, self.labels(batch)
         n, f = self.cfg.data.window_samples, self.cfg.features
         kept = [d.spectral.kept(f.n_mels, f.frames) for d in drawn]
-        inputs = {"audio": audio, "semitones": np.array([d.spectral.semitones for d in drawn], np.int32),
-                  "gain_db": np.stack([d.spectral.frame_gain_db(n, f.hop_length) for d in drawn]).astype(np.float32),
-                  "mel_kept": np.stack([m for m, _ in kept]), "frames_kept": np.stack([t for _, t in kept])}
-        return inputs, self.labels(batch)
+        inputs = AugmentedAudio(
+            audio=audio, semitones=np.array([d.spectral.semitones for d in drawn], np.int32),
+            gain_db=np.stack([d.spectral.frame_gain_db(n, f.hop_length) for d in drawn]).astype(np.float32),
+            mel_kept=np.stack([m for m, _ in kept]), frames_kept=np.stack([t for _, t in kept]))
+        return inputs._asdict(), self.labels(batch)
 
 
 @functools.cache
@@ -303,5 +303,5 @@ def to_pcm16(y: np.ndarray) -> np.ndarray:
 def make_batches(samples: Samples, recordings: dict[str, AudioInfo], cfg: Config, *, training: bool,
             workers: int = 1) -> Batches:
     """The batches the configured model takes: images, or waveforms for ``features.backend: tensorflow``."""
-    kind = WaveformBatches if cfg.features.backend == "tensorflow" else SpectrogramBatches
+    kind = WaveformBatches if front_end(cfg).in_model else SpectrogramBatches
     return kind(samples, recordings, cfg, training=training, workers=workers)

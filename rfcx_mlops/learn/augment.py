@@ -1,4 +1,4 @@
-"""Waveform augmentations (the seed notebook's, made deterministic and checked).
+"""Waveform augmentations (the seed preset's, plus SpecAugment), deterministic and with checked arguments.
 
 Every transform takes a mono float waveform ``y`` (1-D, float32 in the pipeline) and an
 explicit ``numpy.random.Generator``; nothing here touches numpy's global RNG, so a sample's
@@ -21,8 +21,8 @@ stages as ``(y, params)`` is refused, so a draw is never silently dropped.
 Outputs have ``y``'s dtype and length.  The input is never modified in place; a transform
 that changes nothing may return ``y`` itself.
 
-Fixed against the seed: ``PitchShift`` draws +max_semitones too (``randint(-5, 5)`` never
-did), ``TimeShift(padding="zero")`` with a shift of 0 no longer zeroes the whole window, and
+``PitchShift`` draws whole semitones from -max_semitones to +max_semitones inclusive,
+``TimeShift(padding="zero")`` with a shift of 0 leaves the window whole, and
 ``VolumeControl(mode="fade")`` accepts a one-sample window.
 """
 
@@ -208,7 +208,7 @@ class Transform:
 class _NoiseSNR(Transform):
     """Adds noise at an SNR drawn uniformly from [min_snr_db, max_snr_db] (dB).
 
-    As in the seed, the SNR is a ratio of peak amplitudes over the window,
+    As in the seed preset, the SNR is a ratio of peak amplitudes over the window,
     ``20*log10(peak(y) / peak(noise))``, not of powers: rainforest calls are short and loud,
     so a power ratio would bury them under noise scaled to the window's mostly quiet average.
     Negative SNRs (noise louder than the signal) are allowed.  A silent window stays silent,
@@ -274,7 +274,8 @@ def standard_normal(rng: np.random.Generator, n: int) -> np.ndarray:
     Inside, a bin stands for its median (a step of 0.0004 sd near 0, 0.1 sd at 4 sd);
     the two outer bins draw exactly from the tails beyond +-4.3 sd, where the peak of a
     window of noise lies (what the SNR is set against).  Three times as fast as numpy's
-    ziggurat here, and noise is the costliest augmentation left.
+    ziggurat here, and noise is the costliest augmentation where pitch and volume act on the
+    spectrogram.
     """
     bins = rng.integers(0, _NORMAL_BINS, n, dtype=np.uint16)
     z = _normal_quantiles()[bins]
@@ -365,7 +366,7 @@ class TimeShift(Transform):
         shift = params["shift_samples"]
         shifted = np.roll(y, shift)
         if self.padding == "zero":
-            # a shift of 0 wraps nothing; the seed's `[shift:] = 0` zeroed everything then
+            # a shift of 0 wraps nothing, so nothing is zeroed (`[0:] = 0` would zero the whole window)
             if shift > 0:
                 shifted[:shift] = 0
             elif shift < 0:
@@ -378,7 +379,7 @@ def envelope(mode: str, t: np.ndarray, n: int) -> np.ndarray:
     if mode == "uniform":
         return np.ones(len(t))
     if mode == "fade":
-        return 1.0 - t / max(n - 1, 1)  # the seed's arange(n)[::-1]/(n-1), defined for n = 1
+        return 1.0 - t / max(n - 1, 1)  # arange(n)[::-1]/(n-1), also defined for n = 1
     phase = 2 * np.pi * t / n
     if mode == "cosine":
         return np.cos(phase)
@@ -392,7 +393,7 @@ class VolumeControl(Transform):
 
     The gain in dB at sample t of n is ``gain_db * env(t)``, with env = 1 (``"uniform"``),
     a line from 1 down to 0 (``"fade"``), ``cos(2*pi*t/n)`` (``"cosine"``) or
-    ``sin(2*pi*t/n)`` (``"sine"``): the seed's envelopes, imitating a caller moving relative
+    ``sin(2*pi*t/n)`` (``"sine"``): the seed preset's envelopes, imitating a caller moving relative
     to the recorder.  With ``domain="spectrogram"`` the gain is handed on
     (``SpectralDraw.volume``) and ``MelFeatures`` scales each STFT frame by it.
     """
@@ -468,7 +469,7 @@ class OneOf:
     """With probability ``p``, applies one of ``transforms``, chosen uniformly.
 
     Its params are the chosen transform's, plus ``{label: chosen.name}`` saying which
-    (``{"noise": "pink", "snr_db": 12.3, ...}`` in the seed pipeline); empty when skipped,
+    (``{"noise": "pink", "snr_db": 12.3, ...}`` in the seed preset's pipeline); empty when skipped,
     or when the chosen transform skipped itself.  The coin is always drawn, the choice only
     when it applies.
     """
@@ -546,8 +547,8 @@ class Compose:
 
 
 def from_config(cfg: AugmentConfig, sr: int) -> Compose:
-    """The seed's pipeline: noise (Gaussian or pink), pitch shift, time shift, volume; then SpecAugment's
-    time and frequency masks where their p > 0.
+    """The seed preset's pipeline, set by ``cfg``: noise (Gaussian or pink), pitch shift, time shift, volume;
+    then SpecAugment's time and frequency masks where their p > 0.
 
     ``sr`` is the waveform's sample rate in Hz.  ``cfg.enabled = False`` gives the identity.
     With ``cfg.domain = "spectrogram"`` the pitch shift and volume are drawn here and handed

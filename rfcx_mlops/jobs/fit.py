@@ -1,12 +1,13 @@
 """Training, tracked in MLflow: one cross-validation fold (``train_fold``) or every fold (``train_cv``).
 
 ``train_fold`` reads top to bottom as the run does: data, folds, batches, model,
-fit, then the best epoch's per-species scores and model.  The command line is
+fit, then the best epoch's per-species scores and model.  Its command line is
 ``python -m rfcx_mlops.train`` (``train.py``), which ``mlflow run . -P fold=1`` calls.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -21,19 +22,27 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score
 
-from rfcx_mlops import dataset, detect, folds, serve, tracking
-from rfcx_mlops.config import Config, ConfigError, check_fold
-from rfcx_mlops.audio import AudioInfo, read_window
-from rfcx_mlops.generator import Batches, Samples, SpectrogramBatches, make_batches, make_samples, reuse_freed_memory
-from rfcx_mlops.metrics import lwlrap
-from rfcx_mlops.model import build, for_training, precision_and_devices, weights_only
+from rfcx_mlops import streams
+from rfcx_mlops.config import Config, check_fold
+from rfcx_mlops.data import demo, folder, folds
+from rfcx_mlops.data.audio import AudioInfo, read_window
+from rfcx_mlops.data.folder import Dataset
+from rfcx_mlops.errors import ConfigError
+from rfcx_mlops.infer import detect
+from rfcx_mlops.infer.scorer import Scorer, window_starts
+from rfcx_mlops.infer.servable import log_servable
+from rfcx_mlops.learn.batches import (Batches, Samples, SpectrogramBatches, make_batches, make_samples,
+                                     reuse_freed_memory)
+from rfcx_mlops.learn.metrics import lwlrap
+from rfcx_mlops.learn.model import build, for_training, precision_and_devices
+from rfcx_mlops.streams import Purpose
+from rfcx_mlops.track import checkpoints, plots, runs
+from rfcx_mlops.track.checkpoints import weights_only
 
 log = logging.getLogger("rfcx_mlops.fit")
 GRID_SAMPLES = 4
 # ResNet50 training on a CPU: 1.13 samples/s of 128 x 1876 images on 2 cores (benchmarks/train_step.py)
 CPU_PIXELS_PER_CORE_SECOND = 1.13 * 128 * 1876 / 2
-_FP_WINDOWS_STREAM = 1  # the Generator choosing the train_fp windows: [seed, this]
-_RANDOM_WINDOWS_STREAM = 2  # the Generator placing train.random_windows: [seed, this]
 
 
 @dataclass(frozen=True)
@@ -56,7 +65,7 @@ def _augmentation_grid(cfg: Config, samples: Samples, recordings: dict[str, Audi
               + ",".join(str(s) for s in np.flatnonzero(batches.samples.labels[i])) for i in idx]
     # Noise seeds and sample counts are exact but unreadable; the plot shows the physical values.
     shown = [{k: v for k, v in d[1].items() if k not in ("noise_seed", "shift_samples")} for d in drawn]
-    mlflow.log_figure(tracking.augmentation_grid(before, [d[0] for d in drawn], titles, shown),
+    mlflow.log_figure(plots.augmentation_grid(before, [d[0] for d in drawn], titles, shown),
                       "augmentation_samples.png")
 
 
@@ -73,16 +82,15 @@ class RecordingValidation(keras.callbacks.Callback):
     def __init__(self, model: keras.Model, cfg: Config, events: pd.DataFrame, recordings: dict[str, AudioInfo]):
         super().__init__()
         self.every = cfg.train.recording_eval_every
-        self.scorer = serve.Scorer([model], cfg, cfg.train.recording_hop_seconds or None)
+        self.scorer = Scorer([model], cfg, cfg.train.recording_hop_seconds or None)
         ids = sorted(events["recording_id"].unique())
         self.infos = [recordings[rid] for rid in ids]
         self.truth = np.zeros((len(ids), cfg.data.n_classes), np.float32)
         for row, species in enumerate(events.groupby("recording_id")["species_id"].unique().loc[ids]):
             self.truth[row, species] = 1.0
-        f = cfg.features
-        per_window = 4 * (f.n_mels * f.frames if f.backend == "numpy" else cfg.data.window_samples)  # float32
-        windows = sum(len(serve.window_starts(i.duration, self.scorer.crop, self.scorer.hop)) for i in self.infos)
-        self.cache: dict[int, np.ndarray] | None = {} if windows * per_window <= self.CACHE_BYTES else None
+        windows = sum(len(window_starts(i.duration, self.scorer.crop, self.scorer.hop)) for i in self.infos)
+        fits = windows * self.scorer.front_end.window_bytes <= self.CACHE_BYTES
+        self.cache: dict[int, np.ndarray] | None = {} if fits else None
 
     def _inputs(self, k: int) -> np.ndarray:
         if self.cache is not None and k in self.cache:
@@ -100,7 +108,7 @@ class RecordingValidation(keras.callbacks.Callback):
         logs["val_recording_lwlrap"] = lwlrap(self.truth, scores)
 
 
-def _samples(cfg: Config, data: dataset.Dataset, train_events: pd.DataFrame,
+def _samples(cfg: Config, data: Dataset, train_events: pd.DataFrame,
              val_events: pd.DataFrame) -> tuple[Samples, Samples]:
     """Training and validation windows; with ``train.fp_windows``, training windows on train_fp rows too,
     and with ``train.random_windows`` at random places of the training recordings.
@@ -112,7 +120,7 @@ def _samples(cfg: Config, data: dataset.Dataset, train_events: pd.DataFrame,
     in_val = data.fp["recording_id"].isin(set(val_events["recording_id"]))
     train_fp, val_fp = data.fp[~in_val], data.fp[in_val]
     n = min(len(train_fp), round(cfg.train.fp_windows * len(train_events)))
-    chosen = np.sort(np.random.default_rng([cfg.seed, _FP_WINDOWS_STREAM]).choice(len(train_fp), n, replace=False))
+    chosen = np.sort(streams.rng(cfg.seed, Purpose.FP_WINDOWS).choice(len(train_fp), n, replace=False))
     pool = sorted(set(train_events["recording_id"]) | set(train_fp["recording_id"] if n else ()))
     placed = _random_windows(pool, data.recordings, cfg, round(cfg.train.random_windows * len(train_events)))
     log.info("training windows: %d on train_tp rows, %d on train_fp rows, %d at random places",
@@ -125,7 +133,7 @@ def _samples(cfg: Config, data: dataset.Dataset, train_events: pd.DataFrame,
 def _random_windows(pool: list[str], recordings: dict[str, AudioInfo], cfg: Config, n: int) -> pd.DataFrame:
     """``n`` windows at uniform places of recordings drawn uniformly from ``pool``: mostly no labelled call,
     so that a sigmoid model hears what the recordings sound like between calls."""
-    rng = np.random.default_rng([cfg.seed, _RANDOM_WINDOWS_STREAM])
+    rng = streams.rng(cfg.seed, Purpose.RANDOM_WINDOWS)
     ids = np.asarray(pool, dtype=str)[rng.integers(len(pool), size=n)]
     room = np.array([recordings[rid].duration for rid in ids]) - cfg.data.crop_seconds
     return pd.DataFrame({"recording_id": ids, "start": rng.random(n) * np.maximum(room, 0.0)})
@@ -178,33 +186,30 @@ class _Start:
     best_weights: list[np.ndarray] | None = None
 
 
-def _new_run(cfg: Config, fold: int, data: dataset.Dataset, assigned: pd.Series, train_batches: Batches,
-             folder: Path, tags: dict[str, str]) -> _Start:
+def _new_run(cfg: Config, fold: int, data: Dataset, batches: _FoldBatches, scratch: Path,
+             tags: dict[str, str]) -> _Start:
     """A fresh run's record (config, tags, data set, folds, augmentation samples) and its new model."""
-    tracking.log_config(cfg)
-    digest = dataset.fingerprint(data.data_dir)
-    mlflow.set_tags({
-        "mlflow.runName": f"{cfg.name}-fold{fold}", "fold": fold, "preset": cfg.name,
-        "git_commit": tracking.git_commit(), "dataset_fingerprint": digest,
-        "data_dir": str(data.data_dir.resolve()), "demo_data": data.demo, "device": tracking.device(), **tags,
-    })
-    tracking.log_dataset(data.data_dir, digest, data.demo)
+    runs.log_config(cfg)
+    digest = folder.fingerprint(data.data_dir)
+    mlflow.set_tags(runs.tags(cfg, fold=fold, dataset_fingerprint=digest, device=runs.device(),
+                              **runs.data_tags(data.data_dir, data.demo), **tags))
+    runs.log_dataset(data.data_dir, digest, data.demo)
     if data.demo:
         log.info("training on the built-in demo data set (%s); tag demo_data=True", data.data_dir)
-    mlflow.log_artifact(str(folds.write_csv(data.tp, assigned, folder / "folds.csv")))
+    mlflow.log_artifact(str(folds.write_csv(data.tp, batches.assigned, scratch / "folds.csv")))
     _log_species(cfg, data)
-    _augmentation_grid(cfg, train_batches.samples, data.recordings)
+    _augmentation_grid(cfg, batches.train.samples, data.recordings)
     with precision_and_devices(cfg):
-        model = build(cfg, len(train_batches))
+        model = build(cfg, len(batches.train))
         return _Start(model, for_training(model, cfg))
 
 
-def _species(cfg: Config, data: dataset.Dataset) -> pd.DataFrame:
+def _species(cfg: Config, data: Dataset) -> pd.DataFrame:
     return detect.species_table(data.tp, cfg.data.n_classes, cfg.features.fmin, cfg.features.fmax,
-                                dataset.species_names(data.data_dir))
+                                folder.species_names(data.data_dir))
 
 
-def _log_species(cfg: Config, data: dataset.Dataset) -> None:
+def _log_species(cfg: Config, data: Dataset) -> None:
     """species.csv: what predict names and bands its detections with (names from the data folder's species.csv)."""
     mlflow.log_text(_species(cfg, data).to_csv(index=False), detect.SPECIES_FILE)
 
@@ -212,9 +217,9 @@ def _log_species(cfg: Config, data: dataset.Dataset) -> None:
 PICTURED = 3  # validation recordings a run draws at its best epoch, as predict --plots draws them
 
 
-def _log_pictures(model: keras.Model, cfg: Config, data: dataset.Dataset, val_events: pd.DataFrame) -> None:
+def _log_pictures(model: keras.Model, cfg: Config, data: Dataset, val_events: pd.DataFrame) -> None:
     """The first validation recordings scored over time by the best epoch's model, their detections drawn."""
-    scorer = serve.Scorer([model], cfg, cfg.train.recording_hop_seconds or None)
+    scorer = Scorer([model], cfg, cfg.train.recording_hop_seconds or None)
     species = _species(cfg, data)
     names = dict(zip(species["species_id"], species["name"]))
     thresholds = detect.thresholds(cfg.detect, cfg.data.n_classes)
@@ -229,11 +234,11 @@ def _log_pictures(model: keras.Model, cfg: Config, data: dataset.Dataset, val_ev
         mlflow.log_figure(fig, f"pictures/{rid}.png")
 
 
-def _resumed_run(cfg: Config, run: mlflow.entities.Run, folder: Path) -> _Start:
+def _resumed_run(cfg: Config, run: mlflow.entities.Run, scratch: Path) -> _Start:
     """A run's last checkpoint, with its optimizer state, and its best epoch so far."""
     run_id = run.info.run_id
     with precision_and_devices(cfg):
-        model = keras.models.load_model(tracking.download_checkpoint(run_id, "last", folder / "resume"))
+        model = keras.models.load_model(checkpoints.download_checkpoint(run_id, "last", scratch / "resume"))
         trained = for_training(model, cfg)
     epoch = int(run.data.tags.get("checkpoint_epoch", 0))
     best_epoch = int(run.data.tags.get("best_epoch", 0))
@@ -241,21 +246,31 @@ def _resumed_run(cfg: Config, run: mlflow.entities.Run, folder: Path) -> _Start:
     best = next((m.value for m in history if m.step == best_epoch), -np.inf)
     log.info("resuming run %s after epoch %d (best %s %.4f)", run_id, epoch, cfg.train.monitor, best)
     return _Start(model, trained, epoch, best, best_epoch,
-                  tracking.best_weights(run_id, best_epoch, epoch, model, folder / "best"))
+                  checkpoints.best_weights(run_id, best_epoch, epoch, model, scratch / "best"))
 
 
-def train_fold(cfg: Config, fold: int, *, data: dataset.Dataset | None = None, resume: str | None = None,
-               parent_run_id: str | None = None, callbacks: tuple[keras.callbacks.Callback, ...] = (),
-               tags: dict[str, str] | None = None, log_model: bool = True) -> FoldResult:
-    """Train ``fold`` (1..n_splits) of ``cfg`` in an MLflow run; ``resume`` continues an earlier run by its id.
+def prepare(cfg: Config) -> Dataset:
+    """The data set a run of ``cfg`` trains on, loaded and validated: the configured folder, or the demo data
+    set (built the first time).  Prepared once, it serves every fold of a cross-validation run and every trial
+    of a study."""
+    if cfg.data.data_dir:
+        return folder.load(cfg.data.data_dir, cfg.data.n_classes, cfg.data.sample_rate)
+    return dataclasses.replace(folder.load(demo.cached(cfg), cfg.data.n_classes, cfg.data.sample_rate), demo=True)
 
-    ``data``: the prepared data set (``dataset.prepare(cfg)``), when several runs share it.
-    A finished run keeps the best epoch's weights as its servable model (unless ``log_model`` is
-    false) and drops the checkpoints it could have resumed from (``train.keep_checkpoint``).
-    """
+
+@dataclass(frozen=True)
+class _FoldBatches:
+    """A fold's recordings (``folds.assign_folds``), validation calls and batches."""
+
+    assigned: pd.Series
+    val_events: pd.DataFrame
+    train: Batches
+    val: Batches
+
+
+def _fold_batches(cfg: Config, fold: int, data: Dataset) -> _FoldBatches:
     check_fold(cfg, fold)
-    data = data or dataset.prepare(cfg)
-    dataset.check_crop(cfg, data)
+    folder.check_crop(cfg, data)
     assigned = folds.assign_folds(data.tp, cfg.folds.n_splits, cfg.seed)
     train_events, val_events = folds.by_fold(data.tp, assigned, fold)
     if val_events.empty or train_events.empty:
@@ -263,72 +278,116 @@ def train_fold(cfg: Config, fold: int, *, data: dataset.Dataset | None = None, r
     workers = cfg.train.workers or os.cpu_count() or 1
     reuse_freed_memory()  # process-wide: the batches' workers allocate many 2-8 MB arrays a sample
     train_samples, val_samples = _samples(cfg, data, train_events, val_events)
-    train_batches = make_batches(train_samples, data.recordings, cfg, training=True, workers=workers)
-    val_batches = make_batches(val_samples, data.recordings, cfg, training=False, workers=workers)
-    _warn_without_gpu(cfg, train_batches.samples_per_epoch)
+    batches = _FoldBatches(assigned, val_events,
+                           make_batches(train_samples, data.recordings, cfg, training=True, workers=workers),
+                           make_batches(val_samples, data.recordings, cfg, training=False, workers=workers))
+    _warn_without_gpu(cfg, batches.train.samples_per_epoch)
     log.info("fold %d: %d training windows and %d validation windows, %d steps an epoch",
-             fold, len(train_samples), len(val_samples), len(train_batches))
-    if resume and f"{tracking.CHECKPOINT_DIR}/last.keras" not in {
-            a.path for a in mlflow.MlflowClient().list_artifacts(resume, tracking.CHECKPOINT_DIR)}:
-        raise ConfigError(f"resume: run {resume} has no checkpoint: it stopped before its first epoch ended; "
-                          "start a new run")
+             fold, len(train_samples), len(val_samples), len(batches.train))
+    return batches
 
-    with tracking.tracked_run(run_id=resume, run_name=f"{cfg.name}-fold{fold}", parent_run_id=parent_run_id,
-                              nested=parent_run_id is not None, log_system_metrics=cfg.train.system_metrics) as run, \
-            tempfile.TemporaryDirectory(prefix="rfcx-run-") as scratch:
-        folder = Path(scratch)
+
+def train_fold(cfg: Config, fold: int, *, data: Dataset | None = None, resume: str | None = None,
+               parent_run_id: str | None = None, callbacks: tuple[keras.callbacks.Callback, ...] = (),
+               tags: dict[str, str] | None = None, run_name: str | None = None,
+               log_model: bool = True) -> FoldResult:
+    """Train ``fold`` (1..n_splits) of ``cfg`` in an MLflow run (named ``run_name``, by default
+    <preset>-fold<fold>); ``resume`` continues an earlier run by its id.
+
+    ``data``: the prepared data set (``prepare(cfg)``), when several runs share it.
+    A finished run keeps the best epoch's weights as its servable model (unless ``log_model`` is
+    false) and drops the checkpoints it could have resumed from (``train.keep_checkpoint``).
+    """
+    data = data or prepare(cfg)
+    batches = _fold_batches(cfg, fold, data)
+    if resume:
+        checkpoints.check_resumable(resume)
+    with runs.tracked_run(run_id=resume, run_name=run_name or f"{cfg.name}-fold{fold}",
+                          parent_run_id=parent_run_id, nested=parent_run_id is not None,
+                          log_system_metrics=cfg.train.system_metrics) as run, \
+            tempfile.TemporaryDirectory(prefix="rfcx-run-") as tmp:
+        scratch = Path(tmp)
         keras.utils.set_random_seed(cfg.seed)  # weight initialisation, dropout
         if resume:
-            start = _resumed_run(cfg, run, folder)
-            train_batches.set_epoch(start.epoch)
+            start = _resumed_run(cfg, run, scratch)
+            batches.train.set_epoch(start.epoch)
         else:
-            start = _new_run(cfg, fold, data, assigned, train_batches, folder, tags or {})
-        logger = tracking.EpochLogger(train_batches.samples_per_epoch, folder, start.model, cfg.train.monitor,
-                                      best_so_far=start.best, best_epoch=start.best_epoch,
-                                      best_weights=start.best_weights)
-        # Before the logger, which reads what it adds to the epoch's logs.
-        scoring = [RecordingValidation(start.model, cfg, val_events, data.recordings)] \
-            if cfg.train.recording_eval_every else []
-        start.trained.run_eagerly = cfg.train.run_eagerly
-        # The batches shuffle themselves from the seed; Keras' own shuffle would use Python's global RNG.
-        start.trained.fit(train_batches, validation_data=val_batches, epochs=cfg.train.epochs, initial_epoch=start.epoch,
-                  shuffle=False, callbacks=[*scoring, logger, *callbacks], verbose=1 if sys.stdout.isatty() else 2)
-        if logger.best_weights is None:
-            raise RuntimeError(f"no epoch produced a finite {cfg.train.monitor}")
+            start = _new_run(cfg, fold, data, batches, scratch, tags or {})
+        logger = _fit(cfg, start, batches, data, scratch, callbacks)
+        result = _finish(cfg, fold, run.info.run_id, logger, batches, data, scratch, log_model)
+    return result
 
-        best_model = weights_only(start.model, logger.best_weights)
-        ap, predictions = _validation_scores(best_model, val_batches, fold)
-        check = lwlrap(val_batches.samples.labels, predictions.filter(regex=r"^s\d+$").to_numpy())
-        tracking.log_species_ap(ap, f"Per-species validation average precision, best epoch ({logger.best_epoch})")
-        tracking.log_species_pr(predictions, f"Per-species precision and recall, best epoch ({logger.best_epoch})")
-        _log_pictures(best_model, cfg, data, val_events)
-        if log_model:
-            serve.log_servable(best_model, cfg, folder)
-        mlflow.log_metrics({f"best_{cfg.train.monitor}": logger.best, "best_epoch": logger.best_epoch})
-        tracking.drop_checkpoints(run.info.run_id, keep_last=cfg.train.keep_checkpoint == "always")
-        log.info("fold %d: best %s %.4f at epoch %d (its val_lwlrap recomputed with scikit-learn: %.4f)", fold,
-                 cfg.train.monitor, logger.best, logger.best_epoch, check)
-    return FoldResult(run.info.run_id, fold, logger.best, logger.best_epoch, ap, predictions)
+
+def _fit(cfg: Config, start: _Start, batches: _FoldBatches, data: Dataset, scratch: Path,
+         callbacks: tuple[keras.callbacks.Callback, ...]) -> checkpoints.EpochLogger:
+    """Train from ``start`` to ``train.epochs``; the logger holds the best epoch."""
+    logger = checkpoints.EpochLogger(batches.train.samples_per_epoch, scratch, start.model, cfg.train.monitor,
+                                     best_so_far=start.best, best_epoch=start.best_epoch,
+                                     best_weights=start.best_weights)
+    # Before the logger, which reads what it adds to the epoch's logs.
+    scoring = [RecordingValidation(start.model, cfg, batches.val_events, data.recordings)] \
+        if cfg.train.recording_eval_every else []
+    start.trained.run_eagerly = cfg.train.run_eagerly
+    # The batches shuffle themselves from the seed; Keras' own shuffle would use Python's global RNG.
+    start.trained.fit(batches.train, validation_data=batches.val, epochs=cfg.train.epochs, initial_epoch=start.epoch,
+                      shuffle=False, callbacks=[*scoring, logger, *callbacks], verbose=1 if sys.stdout.isatty() else 2)
+    if logger.best_weights is None:
+        raise RuntimeError(f"no epoch produced a finite {cfg.train.monitor}")
+    return logger
+
+
+def _finish(cfg: Config, fold: int, run_id: str, logger: checkpoints.EpochLogger, batches: _FoldBatches,
+            data: Dataset, scratch: Path, log_model: bool) -> FoldResult:
+    """The best epoch's model scored, drawn and logged; the checkpoints dropped."""
+    best_model = weights_only(logger.checkpointed, logger.best_weights)
+    ap, predictions = _validation_scores(best_model, batches.val, fold)
+    check = lwlrap(batches.val.samples.labels, predictions.filter(regex=r"^s\d+$").to_numpy())
+    plots.log_species_ap(ap, f"Per-species validation average precision, best epoch ({logger.best_epoch})")
+    plots.log_species_pr(predictions, f"Per-species precision and recall, best epoch ({logger.best_epoch})")
+    _log_pictures(best_model, cfg, data, batches.val_events)
+    if log_model:
+        log_servable(best_model, cfg, scratch)
+    mlflow.log_metrics({f"best_{cfg.train.monitor}": logger.best, "best_epoch": logger.best_epoch})
+    checkpoints.drop_checkpoints(run_id, keep_last=cfg.train.keep_checkpoint == "always")
+    log.info("fold %d: best %s %.4f at epoch %d (its val_lwlrap recomputed with scikit-learn: %.4f)", fold,
+             cfg.train.monitor, logger.best, logger.best_epoch, check)
+    return FoldResult(run_id, fold, logger.best, logger.best_epoch, ap, predictions)
+
+
+def train(cfg: Config, fold: int | None) -> tuple[str | None, list[FoldResult]]:
+    """What ``python -m rfcx_mlops.train`` runs, in the default experiment (``runs.use_default_experiment``):
+    ``fold``, or every fold under a cross-validation run (None).  The cross-validation run's id (None for one
+    fold) and each fold's result."""
+    runs.use_default_experiment()
+    if fold is not None:
+        return None, [train_fold(cfg, fold)]
+    return train_cv(cfg)
 
 
 def train_cv(cfg: Config, *, tags: dict[str, str] | None = None) -> tuple[str, list[FoldResult]]:
     """Every fold as a nested run under one cross-validation run, which gets the folds' summary."""
-    data = dataset.prepare(cfg)  # loaded and checked once, for every fold
-    with tracking.tracked_run(run_name=f"{cfg.name}-cv") as parent:
-        tracking.log_config(cfg)
+    data = prepare(cfg)  # loaded and checked once, for every fold
+    with runs.tracked_run(run_name=f"{cfg.name}-cv") as parent:
+        runs.log_config(cfg)
         _log_species(cfg, data)
-        mlflow.set_tags({"mlflow.runName": f"{cfg.name}-cv", "cv": "true", "fold": "all", "preset": cfg.name,
-                         "git_commit": tracking.git_commit(), "data_dir": str(data.data_dir.resolve()),
-                         "demo_data": data.demo, **(tags or {})})
+        mlflow.set_tags(runs.tags(cfg, cv="true", fold="all", **runs.data_tags(data.data_dir, data.demo),
+                                  **(tags or {})))
         results = [train_fold(cfg, fold, data=data, parent_run_id=parent.info.run_id)
                    for fold in range(1, cfg.folds.n_splits + 1)]
-        tracking.log_cv_summary(results, cfg.train.monitor)
+        plots.log_cv_summary(results, cfg.train.monitor)
     return parent.info.run_id, results
 
 
-def resumed_config(run_id: str) -> Config:
-    """The config a run was started with, read back from its config.yaml artifact."""
+def resume(run_id: str) -> tuple[Config, FoldResult | None]:
+    """Continue run ``run_id`` from its last checkpoint, with its own config and fold: its config, and the result
+    (None where the run has finished: nothing is left to train)."""
     try:
-        return serve.logged_config(mlflow.get_run(run_id))
+        run = mlflow.get_run(run_id)
+        cfg = runs.logged_config(run)
     except mlflow.exceptions.MlflowException as exc:
-        raise ConfigError(f"resume: run {run_id} not found or has no config.yaml ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"resume: run {run_id} not found or has no config.yaml "
+                          f"({str(exc).splitlines()[0]})") from None
+    if run.info.status == "FINISHED":
+        return cfg, None
+    runs.hand_launcher_to(run_id)
+    return cfg, train_fold(cfg, int(run.data.tags.get("fold", 1)), resume=run_id)

@@ -10,7 +10,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from rfcx_mlops.config import UserError
+from rfcx_mlops.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +29,6 @@ class AudioInfo:
     path: Path
     sample_rate: int
     frames: int
-    channels: int
-    subtype: str
 
     @property
     def duration(self) -> float:
@@ -50,7 +48,7 @@ def probe(path: str | Path) -> AudioInfo:
         raise AudioError(f"{path}: not a readable audio file ({_reason(exc)})") from None
     if info.frames <= 0:
         raise AudioError(f"{path}: holds no audio frames")
-    result = AudioInfo(path, int(info.samplerate), int(info.frames), int(info.channels), info.subtype)
+    result = AudioInfo(path, int(info.samplerate), int(info.frames))
     # A truncated FLAC keeps the full length in its header: decoding the tail is what reveals it.
     tail = min(result.frames, result.sample_rate // 10)
     _read_frames(result, result.frames - tail, result.frames)
@@ -81,6 +79,11 @@ def _read_frames(info: AudioInfo, start: int, stop: int) -> np.ndarray:
 _warned_rates: set[Path] = set()
 
 
+def resample(y: np.ndarray, rate: int, sample_rate: int) -> np.ndarray:
+    """``y`` (float32 mono at ``rate``) at ``sample_rate``, by soxr's high-quality filter."""
+    return soxr.resample(y, rate, sample_rate, quality="HQ").astype(np.float32, copy=False)
+
+
 def read_window(info: AudioInfo, start_s: float, seconds: float, sample_rate: int) -> np.ndarray:
     """``seconds`` of audio from ``start_s`` as float32 mono at ``sample_rate``.
 
@@ -102,7 +105,7 @@ def read_window(info: AudioInfo, start_s: float, seconds: float, sample_rate: in
         start = max(0, int(round(start_s * rate)))
         lo, hi = max(0, start - margin), min(info.frames, start + int(np.ceil(seconds * rate)) + margin)
         raw = _read_frames(info, lo, hi) if hi > lo else np.zeros(0, np.float32)
-        y = soxr.resample(raw, rate, sample_rate, quality="HQ").astype(np.float32, copy=False)
+        y = resample(raw, rate, sample_rate)
         skip = int(round((start - lo) * sample_rate / rate))
         y = y[skip : skip + n_out]
     if y.shape[0] < n_out:

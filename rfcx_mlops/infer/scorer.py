@@ -1,0 +1,167 @@
+"""Scoring whole recordings with a run's models.
+
+``Scorer`` slides windows of the run's crop length over a recording (hop: half a window by
+default) through the training's mel path; a species' score is its maximum over the windows,
+averaged over the models given (a cross-validation run's folds).  ``load_run`` reads a run's
+models back: its own, or each fold's of a cross-validation run.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from rfcx_mlops.config import Config
+from rfcx_mlops.data import audio
+from rfcx_mlops.errors import ConfigError, UserError
+from rfcx_mlops.infer import detect
+from rfcx_mlops.learn.features import front_end
+from rfcx_mlops.learn.model import frame_model
+from rfcx_mlops.track import runs
+
+log = logging.getLogger("rfcx_mlops.scorer")
+MODEL_DIR = "model"  # the run's logged model: runs:/<run id>/model
+WEIGHTS_FILE = "servable.keras"  # the best epoch's weights, without optimizer state, inside the logged model
+
+
+class ModelError(UserError):
+    """A run whose models cannot be scored with; the message names it."""
+
+
+def window_starts(duration: float, crop: float, hop: float) -> np.ndarray:
+    """Window starts from 0 every ``hop`` seconds; the last window ends with the recording."""
+    if duration <= crop:
+        return np.zeros(1)
+    starts = np.arange(0.0, duration - crop, hop)
+    return np.append(starts, duration - crop)
+
+
+class Scorer:
+    """Keras models trained on one config -> species scores of a whole recording."""
+
+    def __init__(self, models: list[keras.Model], cfg: Config, hop_seconds: float | None = None):
+        self.models, self.cfg = models, cfg
+        self.sample_rate = cfg.data.sample_rate
+        self.crop = cfg.data.crop_seconds
+        self.hop = self.crop / 2 if hop_seconds is None else hop_seconds
+        if self.hop <= 0:
+            raise ConfigError(f"--hop must be > 0 seconds; got {self.hop:g}")
+        self.front_end = front_end(cfg)
+        self.features = self.front_end.mel
+        self.n_classes = int(models[0].output_shape[-1])
+        frame_models = [frame_model(m) for m in models]
+        self.frame_models = None if any(m is None for m in frame_models) else frame_models
+
+    def starts(self, y: np.ndarray) -> np.ndarray:
+        """Where ``inputs``' windows of ``y`` start, in seconds."""
+        return window_starts(max(len(y), self.cfg.data.window_samples) / self.sample_rate, self.crop, self.hop)
+
+    def inputs(self, y: np.ndarray) -> np.ndarray:
+        """The model input for every window of ``y``: images, or the windows themselves where the model makes them."""
+        n = self.cfg.data.window_samples
+        y = np.pad(y, (0, max(0, n - len(y))))
+        starts = self.starts(y)
+        windows = np.stack([y[int(round(s * self.sample_rate)):][:n] for s in starts]).astype(np.float32)
+        return self.front_end.model_inputs(windows)
+
+    def scores(self, y: np.ndarray) -> np.ndarray:
+        """(n_classes,) float32: per model the maximum over windows, then the mean over models."""
+        return self.pooled(self.inputs(y))
+
+    def pooled(self, x: np.ndarray) -> np.ndarray:
+        """``scores`` from the windows' model input (``inputs``)."""
+        return recording_scores(self.window_scores(x))
+
+    def timeline(self, y: np.ndarray) -> tuple[np.ndarray, detect.Timeline]:
+        """``scores(y)``, and the scores over time: of each window (the models' mean), or with an attention head
+        of each step within the windows, crop / steps seconds long."""
+        x, starts = self.inputs(y), self.starts(y)
+        windows = self.window_scores(x)
+        scores = recording_scores(windows)
+        if self.frame_models is None:
+            return scores, detect.timeline(starts, self.crop, windows.mean(axis=0))
+        steps = np.mean([np.asarray(m.predict_on_batch(x)) for m in self.frame_models], axis=0)  # (windows, steps, n)
+        step = self.crop / steps.shape[1]
+        step_starts = (starts[:, None] + step * np.arange(steps.shape[1])).ravel()
+        return scores, detect.timeline(step_starts, step, steps.reshape(-1, steps.shape[2]))
+
+    def window_scores(self, x: np.ndarray) -> np.ndarray:
+        """(models, windows, n_classes): each model's scores of each window (``inputs``)."""
+        return np.stack([np.asarray(m.predict_on_batch(x)) for m in self.models])
+
+    def read(self, path: str | Path) -> np.ndarray:
+        info = audio.probe(path)
+        return audio.read_window(info, 0.0, info.duration, self.sample_rate)
+
+
+def recording_scores(window_scores: np.ndarray) -> np.ndarray:
+    """(models, windows, n_classes) -> (n_classes,): per model the maximum over windows, then the mean over models."""
+    return window_scores.max(axis=1).mean(axis=0)
+
+
+def _run_models(run: mlflow.entities.Run, folder: Path) -> tuple[list[keras.Model], list[str]]:
+    """The logged model (the best epoch's weights) of the run, or of each fold of a cross-validation run."""
+    client = MlflowClient()
+    if run.data.tags.get("cv") == "true":
+        runs = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}' "
+                                  "and attributes.status = 'FINISHED'", order_by=["tags.fold ASC"])
+        if not runs:
+            raise ModelError(f"run {run.info.run_id} is a cross-validation run with no finished fold")
+    else:
+        runs = [run]
+    models = []
+    for r in runs:
+        model_uri = r.data.tags.get("model_uri")
+        if not model_uri and r.info.status == "FINISHED":
+            raise ModelError(f"run {r.info.run_id} has no model: a tuning trial keeps none (unless tune "
+                             "--keep-models); retrain its values with python -m rfcx_mlops.train")
+        if not model_uri:
+            raise ModelError(f"run {r.info.run_id} has no model: it is {r.info.status} (a model is logged when "
+                             f"training finishes; resume it with python -m rfcx_mlops.train --resume {r.info.run_id})")
+        try:
+            path = download_weights(model_uri, folder / r.info.run_id)
+        except mlflow.exceptions.MlflowException as exc:
+            raise ModelError(f"run {r.info.run_id}: its model {model_uri} cannot be read "
+                             f"({str(exc).splitlines()[0]})") from None
+        models.append(keras.models.load_model(path, compile=False))
+    return models, [r.info.run_id for r in runs]
+
+
+def load_run(run_id: str, folder: Path, hop_seconds: float | None = None) -> tuple[mlflow.entities.Run, Scorer]:
+    try:
+        run = MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise ModelError(f"run {run_id} not found in {mlflow.get_tracking_uri()}") from None
+    try:
+        cfg = runs.logged_config(run)
+    except mlflow.exceptions.MlflowException:
+        raise ModelError(f"run {run_id} has no config.yaml: not a training run") from None
+    models, ids = _run_models(run, folder)
+    log.info("run %s: %d model(s) from %s", run_id, len(models), ", ".join(ids))
+    return run, Scorer(models, cfg, hop_seconds)
+
+
+def species_table(run: mlflow.entities.Run, cfg: Config, folder: Path) -> pd.DataFrame:
+    """The run's species.csv (``detect.species_table``); a run from before it was logged gets every species
+    named s<id>, over the features' band."""
+    try:
+        return pd.read_csv(MlflowClient().download_artifacts(run.info.run_id, detect.SPECIES_FILE, str(folder)))
+    except (mlflow.exceptions.MlflowException, OSError):
+        log.warning("run %s has no %s: detections are banded %g-%g Hz", run.info.run_id, detect.SPECIES_FILE,
+                    cfg.features.fmin, cfg.features.fmax)
+        return detect.species_table(pd.DataFrame(columns=["species_id", "f_min", "f_max"]), cfg.data.n_classes,
+                                    cfg.features.fmin, cfg.features.fmax)
+
+
+def download_weights(model_uri: str, dst: Path, client: MlflowClient | None = None) -> Path:
+    """The Keras file inside a logged model (``models:/<id>``, a run's ``model_uri`` tag), downloaded to ``dst``."""
+    client = client or MlflowClient()
+    model = client.get_logged_model(model_uri.removeprefix("models:/"))
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{model.artifact_location}/artifacts/{WEIGHTS_FILE}",
+                                                    dst_path=str(dst), tracking_uri=client.tracking_uri))

@@ -1,0 +1,161 @@
+"""The servable MLflow model (``mlflow models serve -m runs:/<run id>/model``): ``scorer.Scorer`` as a pyfunc model.
+
+What a server accepts is the operator's choice, made where it starts, in its environment:
+
+    RFCX_SERVE_AUDIO_ROOT   a folder: rows may name audio files in it by ``path``
+                            (relative to it, or absolute inside it).  Unset: audio samples only.
+    RFCX_SERVE_MAX_SECONDS  the longest recording scored, by path or as samples (default 600)
+    RFCX_SERVE_MAX_MB       the largest file read by path, in MB (default 100)
+
+A request outside these limits gets HTTP 400 (403 for a path outside the root) with
+one line saying why, and the server goes on serving.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, PERMISSION_DENIED
+
+from rfcx_mlops.config import Config, from_dict, to_yaml
+from rfcx_mlops.data import audio
+from rfcx_mlops.errors import ConfigError
+from rfcx_mlops.infer.scorer import MODEL_DIR, WEIGHTS_FILE, Scorer
+
+
+def _refuse(message: str, code=INVALID_PARAMETER_VALUE) -> MlflowException:
+    return MlflowException(message, error_code=code)  # the scoring server answers 400 (403 for PERMISSION_DENIED)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a served model reads: see the module's docstring."""
+
+    audio_root: Path | None = None
+    max_seconds: float = 600.0
+    max_mb: float = 100.0
+
+    @classmethod
+    def from_environment(cls) -> Limits:
+        def number(name: str, default: float) -> float:
+            text = os.environ.get(name, "")
+            try:
+                value = float(text) if text else default
+            except ValueError:
+                value = -1.0
+            if not value > 0:
+                raise ConfigError(f"{name}={text!r}: expected a number > 0")
+            return value
+
+        root = os.environ.get("RFCX_SERVE_AUDIO_ROOT", "")
+        if root and not Path(root).is_dir():
+            raise ConfigError(f"RFCX_SERVE_AUDIO_ROOT={root}: no such folder")
+        return cls(Path(root).resolve() if root else None, number("RFCX_SERVE_MAX_SECONDS", cls.max_seconds),
+                   number("RFCX_SERVE_MAX_MB", cls.max_mb))
+
+    def file(self, path: str) -> audio.AudioInfo:
+        """The audio file a request names, once it passes every limit."""
+        if self.audio_root is None:
+            raise _refuse("this server reads no files: send audio samples and their sample_rate "
+                          "(reading files is enabled where the server starts, with RFCX_SERVE_AUDIO_ROOT)",
+                          PERMISSION_DENIED)
+        resolved = (self.audio_root / path).resolve()
+        if not resolved.is_relative_to(self.audio_root):
+            raise _refuse(f"path {path!r} is outside the folder this server reads ({self.audio_root})",
+                          PERMISSION_DENIED)
+        if not resolved.is_file():
+            raise _refuse(f"path {path!r}: no such file under {self.audio_root}")
+        size_mb = resolved.stat().st_size / 1e6
+        if size_mb > self.max_mb:
+            raise _refuse(f"path {path!r}: {size_mb:.1f} MB is over this server's limit of {self.max_mb:g} MB")
+        try:
+            info = audio.probe(resolved)
+        except audio.AudioError as exc:
+            raise _refuse(str(exc).replace(str(resolved), repr(path))) from None
+        self.duration(info.duration, f"path {path!r}")
+        return info
+
+    def duration(self, seconds: float, what: str) -> None:
+        if seconds > self.max_seconds:
+            raise _refuse(f"{what}: {seconds:.1f} s of audio is over this server's limit of {self.max_seconds:g} s")
+
+
+class SpeciesScorer(mlflow.pyfunc.PythonModel):
+    """MLflow pyfunc: rows of ``audio`` (samples) with ``sample_rate``, or of ``path`` where allowed -> s0..s23."""
+
+    def load_context(self, context):
+        self.limits = Limits.from_environment()
+        cfg = from_dict(yaml.safe_load(Path(context.artifacts["config"]).read_text()))
+        self.scorer = Scorer([keras.models.load_model(context.artifacts["keras_model"], compile=False)], cfg)
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        rate_out = self.scorer.sample_rate
+        scores = []
+        for row in model_input.to_dict("records"):
+            path, samples = row.get("path"), row.get("audio")
+            if isinstance(path, str) and path:
+                info = self.limits.file(path)
+                y = audio.read_window(info, 0.0, info.duration, rate_out)
+            elif samples is not None and not (np.isscalar(samples) and pd.isna(samples)):
+                rate = int(row.get("sample_rate") or 0)
+                if not 0 < rate <= 384_000:
+                    raise _refuse(f"a row with audio needs its sample_rate (1..384000 Hz); got {rate}")
+                self.limits.duration(len(samples) / rate, "audio")
+                y = np.asarray(samples, dtype=np.float32)
+                if rate != rate_out:
+                    y = audio.resample(y, rate, rate_out)
+            else:
+                raise _refuse("each row needs audio samples and their sample_rate (or a path, where the server "
+                              "reads files)")
+            scores.append(self.scorer.scores(y))
+        return pd.DataFrame(scores, columns=[f"s{i}" for i in range(self.scorer.n_classes)])
+
+
+def log_servable(model: keras.Model, cfg: Config, folder: Path) -> str:
+    """Log ``model`` (uncompiled: ``model.weights_only``) with its config as the run's pyfunc model; its URI.
+
+    MLflow 3 stores it as a logged model linked to the run: ``runs:/<run id>/model``,
+    or the ``models:/<model id>`` URI the run's ``model_uri`` tag holds.
+    """
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, DataType, Schema
+
+    weights = folder / WEIGHTS_FILE
+    model.save(weights)
+    (folder / "servable.yaml").write_text(to_yaml(cfg))
+    n = int(model.output_shape[-1])
+    signature = ModelSignature(
+        inputs=Schema([ColSpec(DataType.string, "path", required=False),
+                       ColSpec(Array(DataType.double), "audio", required=False),
+                       ColSpec(DataType.long, "sample_rate", required=False)]),
+        outputs=Schema([ColSpec(DataType.float, f"s{i}") for i in range(n)]),
+    )
+    example = pd.DataFrame({"audio": [[0.0] * 1600], "sample_rate": [16000]})
+    info = mlflow.pyfunc.log_model(name=MODEL_DIR, python_model=str(Path(__file__).with_name("servable_model.py")),
+                                   signature=signature,
+                                   input_example=example,
+                                   artifacts={"keras_model": str(weights), "config": str(folder / "servable.yaml")},
+                                   code_paths=[str(Path(__file__).parents[1])], pip_requirements=_requirements())
+    mlflow.set_tag("model_uri", info.model_uri)
+    return info.model_uri
+
+
+# What this module and the modules it imports need, which is all a served model runs.
+SERVING_PACKAGES = ("tensorflow", "keras", "numpy", "pandas", "scipy", "librosa", "soundfile", "soxr", "pyyaml",
+                    "mlflow")
+
+
+def _requirements() -> list[str]:
+    """The pins of the packages serving needs: a model served elsewhere gets the versions it was trained with."""
+    from importlib.metadata import requires
+
+    pins = [r for r in requires("rfcx_mlops") or [] if "extra ==" not in r]
+    return [r for r in pins if r.split("==")[0].lower() in SERVING_PACKAGES]
