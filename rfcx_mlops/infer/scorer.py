@@ -109,14 +109,14 @@ def _run_models(run: mlflow.entities.Run, folder: Path) -> tuple[list[keras.Mode
     """The logged model (the best epoch's weights) of the run, or of each fold of a cross-validation run."""
     client = MlflowClient()
     if run.data.tags.get("cv") == "true":
-        runs = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}' "
-                                  "and attributes.status = 'FINISHED'", order_by=["tags.fold ASC"])
-        if not runs:
+        scored = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}' "
+                                    "and attributes.status = 'FINISHED'", order_by=["tags.fold ASC"])
+        if not scored:
             raise ModelError(f"run {run.info.run_id} is a cross-validation run with no finished fold")
     else:
-        runs = [run]
+        scored = [run]
     models = []
-    for r in runs:
+    for r in scored:
         model_uri = r.data.tags.get("model_uri")
         if not model_uri and r.info.status == "FINISHED":
             raise ModelError(f"run {r.info.run_id} has no model: a tuning trial keeps none (unless tune "
@@ -130,7 +130,7 @@ def _run_models(run: mlflow.entities.Run, folder: Path) -> tuple[list[keras.Mode
             raise ModelError(f"run {r.info.run_id}: its model {model_uri} cannot be read "
                              f"({str(exc).splitlines()[0]})") from None
         models.append(keras.models.load_model(path, compile=False))
-    return models, [r.info.run_id for r in runs]
+    return models, [r.info.run_id for r in scored]
 
 
 def load_run(run_id: str, folder: Path, hop_seconds: float | None = None) -> tuple[mlflow.entities.Run, Scorer]:

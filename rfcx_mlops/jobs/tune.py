@@ -56,11 +56,11 @@ class RequeueStale:
         if parent:
             client = MlflowClient()
             reason = f"trial {trial.number}: its worker stopped sending heartbeats (killed or hung)"
-            runs = _trial_runs(parent, study.study_name, trial.number)
-            for run in runs:
+            trial_runs = _trial_runs(parent, study.study_name, trial.number)
+            for run in trial_runs:
                 client.set_tag(run.info.run_id, "trial_state", TrialState.FAIL.name)
                 checkpoints.drop_checkpoints(run.info.run_id, keep_last=False)  # the trial runs again from scratch
-            for run in [client.get_run(parent), *runs]:
+            for run in [client.get_run(parent), *trial_runs]:
                 if run.info.status == "RUNNING":
                     client.set_tag(run.info.run_id, "failure_reason", reason)
                     client.set_terminated(run.info.run_id, "KILLED")
@@ -99,16 +99,16 @@ def state_tag(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     tags = {"trial_state": trial.state.name}
     if "error" in trial.user_attrs:
         tags["failure_reason"] = trial.user_attrs["error"]
-    runs = _trial_runs(parent, study.study_name, trial.number)
-    if not runs:
+    trial_runs = _trial_runs(parent, study.study_name, trial.number)
+    if not trial_runs:
         run = client.create_run(client.get_run(parent).info.experiment_id, run_name=f"trial-{trial.number}",
                                 tags={"mlflow.parentRunId": parent, "study": study.study_name,
                                       "trial_number": str(trial.number)})
         for key, value in trial.params.items():
             client.log_param(run.info.run_id, key, value)
         client.set_terminated(run.info.run_id, "FAILED")
-        runs = [run]
-    for run in runs:
+        trial_runs = [run]
+    for run in trial_runs:
         for key, value in tags.items():
             client.set_tag(run.info.run_id, key, value)
         if trial.state == TrialState.FAIL:  # a failed trial is not resumed: its draw is queued anew or dropped
