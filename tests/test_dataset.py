@@ -86,6 +86,22 @@ def test_bad_rows_of_train_fp_are_named_by_line(tmp_path, good_rows):
                         "train_fp.csv line 4: species_id is 'x', not a number"]
 
 
+def test_a_box_labelled_present_and_verified_absent_is_a_problem(tmp_path, good_rows):
+    """good_rows label species 3 in rec0 at 1.0-2.5 s, 500-2000 Hz: a train_fp row of species 3 overlapping that box
+    contradicts it; one that misses it in time or in frequency, or is of another species, does not."""
+    folder = make_data_dir(tmp_path, good_rows)
+    (folder / "train_fp.csv").write_text(HEADER + "rec0,3,1,2.0,1500,3.0,2500\n"  # overlaps: a contradiction
+                                         "rec0,3,1,3.0,500,4.0,2000\n"  # after the call
+                                         "rec0,3,1,1.0,2500,2.5,4000\n"  # above its band
+                                         "rec0,4,1,1.0,500,2.5,2000\n")  # another species
+    data, problems = scan(folder)
+    assert problems == ["train_fp.csv line 2: species 3 at 2-3 s in rec0 overlaps train_tp.csv line 2, a labelled "
+                        "call of that species: one sound labelled present and verified absent"]
+    assert data.fp["line"].tolist() == [3, 4, 5]  # the contradiction is left out; the others stay
+    with pytest.raises(data_folder.DataError, match="train_fp.csv line 2: species 3"):
+        data_folder.load(folder, n_classes=24, sample_rate=48000)
+
+
 @pytest.mark.parametrize("content, expected", [
     ("", ": not a readable CSV (No columns to parse from file)"),
     (HEADER + "rec0,3,1,1,500,2,900,extra\n", ": not a readable CSV (Error tokenizing data. C error: "

@@ -152,6 +152,19 @@ def _check_durations(df: pd.DataFrame, name: str, infos: dict[str, AudioInfo]) -
     return df[~too_long].reset_index(drop=True), problems
 
 
+def _contradictions(tp: pd.DataFrame, fp: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The train_fp rows whose box overlaps, in time and frequency, a train_tp box of the same species in the
+    same recording: one sound labelled present and verified absent.  Reported, and left out of the table."""
+    pairs = fp.reset_index().merge(tp, on=["recording_id", "species_id"], suffixes=("", "_tp"))
+    overlap = pairs[(pairs["t_min"] < pairs["t_max_tp"]) & (pairs["t_min_tp"] < pairs["t_max"])
+                    & (pairs["f_min"] < pairs["f_max_tp"]) & (pairs["f_min_tp"] < pairs["f_max"])]
+    overlap = overlap.drop_duplicates("index")
+    problems = [f"{FP_FILE} line {r.line}: species {r.species_id} at {r.t_min:g}-{r.t_max:g} s in {r.recording_id} "
+                f"overlaps {TP_FILE} line {r.line_tp}, a labelled call of that species: one sound labelled present "
+                "and verified absent" for r in overlap.itertuples()]
+    return fp.drop(index=overlap["index"]).reset_index(drop=True), problems
+
+
 def scan(data_dir: str | Path, n_classes: int, sample_rate: int, *, with_test: bool = False,
          progress: bool = False) -> tuple[Dataset, list[str]]:
     """Read and validate everything; the problems come back as lines rather than exceptions."""
@@ -175,6 +188,8 @@ def scan(data_dir: str | Path, n_classes: int, sample_rate: int, *, with_test: b
     for name in tables:
         tables[name], found = _check_durations(tables[name], name, recordings)
         problems += found
+    tables[FP_FILE], found = _contradictions(tables[TP_FILE], tables[FP_FILE])
+    problems += found
     test: dict[str, AudioInfo] = {}
     if with_test and (data_dir / "test").is_dir():
         test_ids = {p.stem for p in (data_dir / "test").iterdir() if p.suffix in AUDIO_SUFFIXES}
