@@ -1,7 +1,7 @@
 """How hard is the demo data set? LWLRAP of chance and of a band-energy rule that ignores call shape.
 
     python benchmarks/demo_difficulty.py                      # builds the default demo set in a temp folder
-    python benchmarks/demo_difficulty.py --data-dir data/demo/n480-seed0-v2  # data.demo.cached's set
+    python benchmarks/demo_difficulty.py --data-dir data/demo/n480-seed0-v3  # data.demo.cached's set
 
 Samples are the training pipeline's: one 10 s window centred on each train_tp row (clipped to the
 recording); its labels are the species whose TP boxes overlap the window in time. Every rule

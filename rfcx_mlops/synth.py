@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     n_tp, n_fp = (len((out / name).read_text().splitlines()) - 1 for name in (TP_FILE, FP_FILE))
     n_train, n_test = (len(list((out / split).glob("*.flac"))) for split in ("train", "test"))
     print(f"wrote {out}: {n_train} train + {n_test} test recordings, {n_tp} train_tp rows, {n_fp} train_fp rows, "
-          f"test_labels.csv, test_calls.csv, sample_submission.csv (seed {args.seed}) in {elapsed:.1f} s")
+          f"train_calls.csv, test_labels.csv, test_calls.csv, sample_submission.csv (seed {args.seed}) "
+          f"in {elapsed:.1f} s")
     return cli.Exit.OK
 
 

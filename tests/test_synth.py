@@ -134,6 +134,21 @@ def test_unlabelled_calls_are_in_the_audio(tmp_path: Path) -> None:
     assert not {r[1] for r in fp} & set(job.species)
 
 
+def test_train_calls_hold_every_train_call(demo: Path, layout: dict[str, demo_set.Planned]) -> None:
+    """train_calls.csv: every call placed in the train recordings (the plan's), the labelled ones among them, and
+    no species of a train_fp row calling in its recording."""
+    calls, tp, fp = (_read(demo / name) for name in ("train_calls.csv", "train_tp.csv", "train_fp.csv"))
+    train = {rid: p for rid, p in layout.items() if p.split == "train"}
+    assert set(calls["recording_id"]) == set(train)
+    for rid, rows in calls.groupby("recording_id"):
+        assert sorted(rows["species_id"]) == sorted(k for k, _ in train[rid].calls)
+    key = ["recording_id", "species_id", "t_min", "f_min", "t_max", "f_max"]
+    labelled = tp[key].merge(calls[key], how="left", indicator=True)
+    assert (labelled["_merge"] == "both").all() and len(calls) > len(tp)  # most calls are not labelled
+    calling = set(zip(calls["recording_id"], calls["species_id"]))
+    assert not calling & set(zip(fp["recording_id"], fp["species_id"]))
+
+
 def test_same_seed_same_bytes_different_seed_different(demo: Path, tmp_path: Path) -> None:
     again = demo_set.build(tmp_path / "again", recordings=TRAIN, test_recordings=TEST, seed=SEED, workers=1)
     assert _files(again) == _files(demo)  # also independent of the number of worker processes
@@ -141,8 +156,8 @@ def test_same_seed_same_bytes_different_seed_different(demo: Path, tmp_path: Pat
     demo_set.build(again, recordings=TRAIN, test_recordings=TEST, seed=SEED + 1)
     other = _files(again)
     assert json.loads(other[demo_set.MARKER])["seed"] == SEED + 1
-    assert json.loads(other[demo_set.MARKER])["version"] == demo_set.GENERATOR_VERSION == 2
-    for name in ("train_tp.csv", "train_fp.csv", "test_labels.csv", "test_calls.csv"):
+    assert json.loads(other[demo_set.MARKER])["version"] == demo_set.GENERATOR_VERSION == 3
+    for name in ("train_tp.csv", "train_fp.csv", "train_calls.csv", "test_labels.csv", "test_calls.csv"):
         assert other[name] != _files(demo)[name]
     assert not set(_files(demo)) & {k for k in other if k.endswith(".flac")}  # new recording ids
 

@@ -8,6 +8,8 @@
     test/<id>.flac
     test_labels.csv         recording_id,s0..s23 (0/1): every species calling in each test recording
     test_calls.csv          recording_id,species_id,t_min,f_min,t_max,f_max: every call of the test recordings
+    train_calls.csv         the same for the train recordings: the truth training never reads, which
+                            measures labels a model gives the calls train_tp.csv leaves out
     sample_submission.csv   recording_id,s0..s23, all 0.5, test ids sorted
     .rfcx_demo.json         marker: what built the folder (lets a rebuild reuse it)
 
@@ -66,10 +68,10 @@ N_SAMPLES = SAMPLE_RATE * DURATION_S
 N_SPECIES = DataConfig.n_classes
 PEAK = 0.89  # peak amplitude after normalisation (about -1 dBFS)
 MARKER = ".rfcx_demo.json"
-GENERATOR_VERSION = 2  # a new version is cached in a new folder (`cached`)
+GENERATOR_VERSION = 3  # a new version is cached in a new folder (`cached`)
 LABEL_COLUMNS = ("recording_id",) + tuple(f"s{k}" for k in range(N_SPECIES))
 OUTPUT_FILES = (
-    TP_FILE, FP_FILE, "test_labels.csv", "test_calls.csv", SUBMISSION_FILE, MARKER
+    TP_FILE, FP_FILE, "train_calls.csv", "test_labels.csv", "test_calls.csv", SUBMISSION_FILE, MARKER
 )
 CALL_COLUMNS = ("recording_id", "species_id", "t_min", "f_min", "t_max", "f_max")
 OUTPUT_DIRS = ("train", "test")
@@ -668,7 +670,7 @@ def _format_box(row: tuple) -> list[str]:
 
 
 def _format_call(row: tuple) -> list[str]:
-    """A box row without its songtype_id: a row of test_calls.csv."""
+    """A box row without its songtype_id: a row of train_calls.csv or test_calls.csv."""
     rid, species, _, t_min, f_min, t_max, f_max = row
     return [rid, str(species), f"{t_min:.4f}", repr(float(f_min)), f"{t_max:.4f}", repr(float(f_max))]
 
@@ -769,6 +771,7 @@ def build(
 
     _write_csv(out / TP_FILE, COLUMNS, [_format_box(r) for r in boxes("train", 0)])
     _write_csv(out / FP_FILE, COLUMNS, [_format_box(r) for r in boxes("train", 1)])
+    _write_csv(out / "train_calls.csv", CALL_COLUMNS, [_format_call(r) for r in boxes("train", 2)])
     test_calls = boxes("test", 2)
     _write_csv(out / "test_calls.csv", CALL_COLUMNS, [_format_call(r) for r in test_calls])
     present: dict[str, set[int]] = {job.recording_id: set() for job in jobs if job.split == "test"}
