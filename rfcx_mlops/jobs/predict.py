@@ -55,6 +55,10 @@ class Request:
     plots: Path | None = None  # a folder for pictures
     need_labels: bool = False  # the folder must hold LABELS_FILE (a gate on the test LWLRAP)
 
+    @property
+    def detections_file(self) -> Path:
+        return self.detections or self.out.with_name(DETECTIONS_FILE)
+
 
 @dataclasses.dataclass
 class Scored:
@@ -145,7 +149,7 @@ def _detections(scored: Scored, scorer: Scorer, settings: DetectConfig, threshol
     found = pd.concat([detect.detections(rid, line, thresholds, settings.min_gap_seconds, species)
                        for rid, line in scored.timelines.items()], ignore_index=True)
     per_species = f", per species from {settings.thresholds_file}" if settings.thresholds_file else ""
-    outputs.csv(found, request.detections or request.out.with_name(DETECTIONS_FILE),
+    outputs.csv(found, request.detections_file,
                 f"{len(found)} detections of {found['species_id'].nunique()} species in "
                 f"{found['recording_id'].nunique()} recordings (threshold {settings.threshold:g}{per_species}, "
                 f"gaps under {settings.min_gap_seconds:g} s joined)")
@@ -178,7 +182,7 @@ def _events(found: pd.DataFrame, scored: Scored, data_dir: Path, n_classes: int,
     overall = events.set_index("species_id").loc["all"]
     for name in ("precision", "recall"):
         outputs.client.log_metric(request.run_id, f"event_{name}", float(overall[name]))
-    events_file = (request.detections or request.out.with_name(DETECTIONS_FILE)).with_name(EVENTS_FILE)
+    events_file = request.detections_file.with_name(EVENTS_FILE)
     outputs.csv(events, events_file, "per species event scores")
     outputs.say(f"events: precision {overall['precision']:.4f} ({overall['right']:.0f} of "
                 f"{overall['detections']:.0f} detections on a true call), recall {overall['recall']:.4f} "
