@@ -21,6 +21,7 @@ import sys
 from types import ModuleType
 from typing import Callable, Iterator
 
+from rfcx_mlops.config import parse_sets
 from rfcx_mlops.errors import UserError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -57,6 +58,36 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(Exit.USER_ERROR, f"error: {message} (see --help)\n")
+
+
+# The training commands' flags (MLproject parameters) -> config keys; an empty value keeps the preset's setting.
+OVERRIDES = {
+    "data_dir": "data.data_dir",
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+    "learning_rate": "train.learning_rate",
+    "dropout": "model.dropout",
+    "min_snr": "augment.min_snr",
+    "max_snr": "augment.max_snr",
+    "crop_seconds": "data.crop_seconds",
+    "seed": "seed",
+}
+
+
+def add_overrides(parser: argparse.ArgumentParser, example: str) -> None:
+    """The flags of ``OVERRIDES`` and ``--set KEY=VALUE``, which any config key takes."""
+    for name, key in OVERRIDES.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default="", help=f"overrides {key}")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override any config key, e.g. --set {example} (repeatable)")
+
+
+def overrides_from(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, str]]:
+    """The config overrides the flags and ``--set`` ask for, and how each was given (for error messages)."""
+    flags = {key: getattr(args, name) for name, key in OVERRIDES.items() if getattr(args, name) != ""}
+    sources = {key: f"--{name.replace('_', '-')} {getattr(args, name)}" for name, key in OVERRIDES.items()
+               if key in flags}
+    return {**flags, **parse_sets(args.set)}, sources
 
 
 def add_verbose(parser: argparse.ArgumentParser) -> None:

@@ -134,6 +134,22 @@ class DetectConfig:
 
 
 @dataclass(frozen=True)
+class PseudoConfig:
+    """Self-training (``python -m rfcx_mlops.selftrain``): the teacher labels the calls nobody labelled in the
+    training recordings, a student learns from them and becomes the next round's teacher."""
+
+    rounds: int = 3  # students after the teacher (round 0), fewer where train.monitor stops improving
+    patience: int = 1  # rounds in a row without a better train.monitor before stopping
+    mode: str = "hard"  # hard: a pseudo-labelled species is 1 | soft: the teacher's score
+    threshold: float = 0.8  # a window's species is pseudo-labelled present from this teacher score ...
+    thresholds_file: str = ""  # ... or what this CSV (species_id,threshold) says, as detect.thresholds_file
+    negatives: float = 0.0  # below this score, known absent (used by model.loss: masked); 0: positives only
+    hop_seconds: float = 0.0  # between the teacher's windows on a training recording; 0: half a crop
+    share: float = 0.5  # of each training batch, the share of windows on the original train_tp/train_fp rows
+    from_teacher: bool = False  # a student starts from its teacher's weights instead of from scratch
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = "default"
     seed: int = 27  # drives folds, augmentation and weight initialisation
@@ -144,6 +160,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -159,23 +176,25 @@ _CHOICES = {
     "model.head": ("pooled", "attention"),
     "train.monitor": ("val_lwlrap", "val_recording_lwlrap"),
     "train.lr_schedule": ("constant", "cosine"),
+    "pseudo.mode": ("hard", "soft"),
     "train.keep_checkpoint": ("until_finished", "always"),
 }
 _POSITIVE = (
     "data.sample_rate", "data.n_classes", "data.crop_seconds", "data.demo_recordings",
     "features.n_fft", "features.hop_length", "features.n_mels", "features.frames", "features.top_db",
-    "model.dense_units", "train.epochs", "train.batch_size", "train.learning_rate",
+    "model.dense_units", "train.epochs", "train.batch_size", "train.learning_rate", "pseudo.rounds",
+    "pseudo.patience",
 )
 _PROBABILITIES = (
     "augment.noise_p", "augment.pitch_p", "augment.time_shift_p", "augment.volume_p", "augment.time_mask_p",
     "augment.freq_mask_p", "augment.mixup_p", "augment.max_time_mask", "augment.max_freq_mask",
-    "model.unknown_weight", "detect.threshold",
+    "model.unknown_weight", "detect.threshold", "pseudo.threshold", "pseudo.negatives",
 )
 _NON_NEGATIVE = (
     "augment.max_semitones", "augment.max_shift_seconds", "augment.max_volume_db", "augment.time_masks",
     "augment.freq_masks", "train.warmup_epochs", "train.workers", "train.steps_per_epoch", "train.fp_windows",
     "train.random_windows", "train.recording_eval_every", "train.recording_hop_seconds",
-    "detect.min_gap_seconds", "model.step_loss_weight",
+    "detect.min_gap_seconds", "model.step_loss_weight", "pseudo.hop_seconds",
 )
 
 
@@ -223,6 +242,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("train.monitor: val_recording_lwlrap needs train.recording_eval_every >= 1")
     if cfg.model.weights not in ("none", "imagenet") and not cfg.model.weights.endswith(".h5"):
         raise ConfigError(f"model.weights must be none, imagenet or a .weights.h5 file; got {cfg.model.weights!r}")
+    if cfg.pseudo.negatives >= cfg.pseudo.threshold:
+        raise ConfigError(f"pseudo.negatives ({cfg.pseudo.negatives}) must be below pseudo.threshold "
+                          f"({cfg.pseudo.threshold}): a score cannot make a species both present and absent")
+    if not 0.0 < cfg.pseudo.share <= 1.0:
+        raise ConfigError(f"pseudo.share must be within (0, 1]; got {cfg.pseudo.share}")
     if cfg.folds.n_splits < 2:
         raise ConfigError(f"folds.n_splits must be >= 2; got {cfg.folds.n_splits}")
     if not 0 <= cfg.features.fmin < cfg.features.fmax <= cfg.data.sample_rate / 2:
@@ -236,8 +260,9 @@ def check_files(cfg: Config) -> None:
     """The files a config names exist on this machine (left out of ``load``: predicting needs none of them)."""
     if cfg.model.weights not in ("none", "imagenet") and not Path(cfg.model.weights).is_file():
         raise ConfigError(f"model.weights: {cfg.model.weights} is not a file")
-    if cfg.detect.thresholds_file and not Path(cfg.detect.thresholds_file).is_file():
-        raise ConfigError(f"detect.thresholds_file: {cfg.detect.thresholds_file} is not a file")
+    for key, file in (("detect", cfg.detect.thresholds_file), ("pseudo", cfg.pseudo.thresholds_file)):
+        if file and not Path(file).is_file():
+            raise ConfigError(f"{key}.thresholds_file: {file} is not a file")
 
 
 def check_fold(cfg: Config, fold: int) -> None:

@@ -13,21 +13,8 @@ import sys
 import numpy as np
 
 from rfcx_mlops import cli
-from rfcx_mlops.config import Config, check_files, check_fold, load, parse_sets
+from rfcx_mlops.config import Config, check_files, check_fold, load
 from rfcx_mlops.errors import ConfigError
-
-# MLproject parameter -> config key; an empty value keeps the preset's setting.
-OVERRIDES = {
-    "data_dir": "data.data_dir",
-    "epochs": "train.epochs",
-    "batch_size": "train.batch_size",
-    "learning_rate": "train.learning_rate",
-    "dropout": "model.dropout",
-    "min_snr": "augment.min_snr",
-    "max_snr": "augment.max_snr",
-    "crop_seconds": "data.crop_seconds",
-    "seed": "seed",
-}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,21 +22,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fold", default="1",
                         help="validation fold, 1..folds.n_splits, or all: every fold under one CV run (default 1)")
     parser.add_argument("--config", default="experiments/seed.yaml", help="preset file (default experiments/seed.yaml)")
-    for name, key in OVERRIDES.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default="", help=f"overrides {key}")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any config key, e.g. --set model.bn_momentum=0.9 (repeatable)")
+    cli.add_overrides(parser, "model.bn_momentum=0.9")
     parser.add_argument("--resume", default="", help="run id to continue from its last checkpoint")
     cli.add_verbose(parser)
     return parser.parse_args(argv)
-
-
-def overrides_from(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, str]]:
-    """The config overrides the flags and ``--set`` ask for, and how each was given (for error messages)."""
-    flags = {key: getattr(args, name) for name, key in OVERRIDES.items() if getattr(args, name) != ""}
-    sources = {key: f"--{name.replace('_', '-')} {getattr(args, name)}" for name, key in OVERRIDES.items()
-               if key in flags}
-    return {**flags, **parse_sets(args.set)}, sources
 
 
 def _fold(text: str) -> int | None:
@@ -62,7 +38,7 @@ def _fold(text: str) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides, sources = overrides_from(args)
+    overrides, sources = cli.overrides_from(args)
     fold = _fold(args.fold)
     if args.resume:
         return _resume(args, overrides, fold)

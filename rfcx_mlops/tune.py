@@ -16,7 +16,7 @@ import sys
 from typing import Any
 
 from rfcx_mlops import cli
-from rfcx_mlops.config import Config, check_files, load, parse_sets, with_overrides
+from rfcx_mlops.config import Config, check_files, load, parse_sets
 from rfcx_mlops.errors import ConfigError
 from rfcx_mlops.jobs import study as studies
 
@@ -39,7 +39,7 @@ def parse_folds(text: str, n_splits: int) -> list[int]:
 
 def retrain_command(args: argparse.Namespace, overrides: dict[str, str], params: dict[str, Any],
                     n_splits: int) -> str:
-    sets = {**overrides, **{k: repr(v) for k, v in params.items()}}
+    sets = {**overrides, **{k: v if isinstance(v, str) else repr(v) for k, v in params.items()}}
     parts = ["python", "-m", "rfcx_mlops.train", "--config", args.config, "--fold", "$fold"]
     for key, value in sets.items():
         parts += ["--set", f"{key}={value}"]
@@ -87,9 +87,7 @@ def run(args: argparse.Namespace) -> int:
     check_files(cfg)
     space = studies.load_space(args.search)
     folds = tuple(parse_folds(args.folds, cfg.folds.n_splits))
-    for r in space.ranges:  # every corner of the space must make a valid config
-        for value in (r.low, r.high):
-            with_overrides(cfg, {r.key: int(value) if r.integer else value})
+    space.check(cfg)  # every value the space can draw must make a valid config with the preset
     studies.scheme(args.storage)
     tuning = cli.import_quietly("rfcx_mlops.jobs.tune", args.verbose)
     settings = tuning.Tuning(args.config, args.search, args.storage, args.study_name or cfg.name, args.n_trials,
@@ -114,7 +112,7 @@ def _summary(study, counts: dict[str, int], best: dict[str, Any] | None, args: a
     print(f"best {cfg.train.monitor} {best['value']:.4f} (trial {best['number']})"
           + (f"; the preset's own values (trial {preset.number}): {preset.value:.4f}" if preset else ""))
     for key, value in best["params"].items():
-        print(f"  {key} = {value:.6g}")
+        print(f"  {key} = {studies.shown(value)}")
     print("retrain the best configuration on every fold:")
     print("  " + retrain_command(args, overrides, best["params"], cfg.folds.n_splits))
 

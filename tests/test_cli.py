@@ -114,9 +114,10 @@ def test_readme_commands_use_what_exists():
     point and parameters (with --env-manager local, which a machine without conda needs), or benchmark script,
     or parses with its module's own parser into a valid config.  (Most of them train for hours: the tests run
     their tiny versions.)"""
-    from rfcx_mlops import config, dataset, predict, report, synth, train, tune
+    from rfcx_mlops import cli, config, dataset, predict, report, selftrain, synth, train, tune
 
-    parsers = {m.__name__.split(".")[-1]: m.parse_args for m in (dataset, predict, report, synth, train, tune)}
+    parsers = {m.__name__.split(".")[-1]: m.parse_args
+               for m in (dataset, predict, report, selftrain, synth, train, tune)}
     makefile = (ROOT / "Makefile").read_text()
     entry_points = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]
     seen = set()
@@ -137,8 +138,8 @@ def test_readme_commands_use_what_exists():
         elif words[:2] == ["python", "-m"] and words[2].removeprefix("rfcx_mlops.") in parsers:
             module = words[2].removeprefix("rfcx_mlops.")
             args = parsers[module](words[3:])
-            if module == "train" and not args.resume:  # the preset and every override make a valid config
-                config.load(ROOT / args.config, *train.overrides_from(args))
+            if module in ("train", "selftrain") and not args.resume:  # the preset and overrides make a config
+                config.load(ROOT / args.config, *cli.overrides_from(args))
             elif module == "tune":
                 config.load(ROOT / args.config, config.parse_sets(args.set))
         else:

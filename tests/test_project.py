@@ -10,7 +10,8 @@ import yaml
 
 from rfcx_mlops import predict as predict_cli
 from rfcx_mlops import tune as tune_cli
-from rfcx_mlops.train import OVERRIDES, overrides_from, parse_args
+from rfcx_mlops.cli import OVERRIDES, overrides_from
+from rfcx_mlops.train import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,6 +56,19 @@ def test_predict_entry_point_matches_the_cli():
         assert f"--{name.replace('_', '-')} {{{name}}}" in entry["command"], name
     args = predict_cli.parse_args(["--run-id", "abc", "--hop", ""])
     assert args.hop is None and args.out == entry["parameters"]["out"]["default"]
+
+
+def test_selftrain_entry_point_matches_the_cli():
+    """The entry point's command, every parameter at its default, parses into the CLI's own defaults."""
+    from rfcx_mlops import selftrain as selftrain_cli
+
+    entry = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["selftrain"]
+    defaults = {name: spec.get("default", "") for name, spec in entry["parameters"].items()}
+    for name in defaults:
+        assert f"--{name.replace('_', '-')} {{{name}}}" in entry["command"], name
+    words = entry["command"].split()[3:]
+    args = selftrain_cli.parse_args([w.format(**defaults) if w.startswith("{") else w for w in words])
+    assert vars(args) == {**vars(selftrain_cli.parse_args([])), "config": defaults["config"]}
 
 
 def test_readme_commands_exist():

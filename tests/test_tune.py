@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 
 from conftest import free_port, start_server
 from rfcx_mlops import tune
+from rfcx_mlops.config import Config, flatten, load, with_overrides
 from rfcx_mlops.errors import ConfigError
 from rfcx_mlops.jobs import study as studies
 
@@ -38,7 +39,8 @@ def write_space(tmp_path: Path, space: dict, **sections) -> Path:
 def test_project_search_space_loads_and_keeps_max_above_min():
     space = studies.load_space(ROOT / tune.DEFAULT_SEARCH)
     assert [r.key for r in space.ranges] == ["augment.min_snr", "augment.max_snr", "data.crop_seconds",
-                                             "train.learning_rate", "model.dropout"]
+                                             "train.learning_rate", "model.dropout", "model.activation",
+                                             "model.loss", "model.unknown_weight", "model.head"]
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
     drawn = []
     for _ in range(300):
@@ -59,6 +61,92 @@ def test_integer_keys_are_drawn_as_integers(tmp_path):
     assert isinstance(value, int) and 2 <= value <= 9
 
 
+def test_choices_are_drawn_as_categoricals_of_the_key_s_type(tmp_path):
+    space = studies.load_space(write_space(tmp_path, {
+        "model.activation": {"choices": ["softmax", "sigmoid"]}, "train.batch_size": {"choices": [16, 32]},
+        "model.dropout": {"choices": [0, 0.5]}, "train.cache_audio": {"choices": [False, True]}}))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    drawn = []
+    for _ in range(20):
+        trial = study.ask()
+        drawn.append(space.suggest(trial))
+        assert drawn[-1] == trial.params
+        assert all(isinstance(d, optuna.distributions.CategoricalDistribution) for d in trial.distributions.values())
+        study.tell(trial, 0.0)
+    for key, choices in [("model.activation", {"softmax", "sigmoid"}), ("train.batch_size", {16, 32}),
+                         ("model.dropout", {0.0, 0.5}), ("train.cache_audio", {False, True})]:
+        assert {d[key] for d in drawn} == choices, key
+    assert all(type(d["train.batch_size"]) is int and type(d["model.dropout"]) is float and
+               type(d["train.cache_audio"]) is bool for d in drawn)
+    assert all(with_overrides(Config(), d) for d in drawn)
+
+
+WEAK_LABELS = {  # a conditional range under a conditional choice, and a condition allowing a list of values
+    "model.activation": {"choices": ["softmax", "sigmoid"]},
+    "model.loss": {"choices": ["crossentropy", "masked"], "when": {"model.activation": "sigmoid"}},
+    "model.unknown_weight": {"low": 0.0, "high": 0.5, "when": {"model.loss": ["masked"]}},
+    "model.head": {"choices": ["pooled", "attention"], "when": {"model.activation": ["sigmoid"]}},
+}
+
+
+@pytest.mark.parametrize("sampler", [optuna.samplers.RandomSampler(seed=3),
+                                     optuna.samplers.TPESampler(seed=3, n_startup_trials=5)])
+def test_a_conditional_key_is_drawn_exactly_when_its_condition_holds(tmp_path, sampler):
+    space = studies.load_space(write_space(tmp_path, WEAK_LABELS))
+    study = optuna.create_study(sampler=sampler)
+    for _ in range(20):
+        trial = study.ask()
+        drawn = space.suggest(trial)
+        assert drawn == trial.params
+        sigmoid = trial.params["model.activation"] == "sigmoid"
+        assert ("model.loss" in trial.params) == sigmoid and ("model.head" in trial.params) == sigmoid
+        assert ("model.unknown_weight" in trial.params) == (trial.params.get("model.loss") == "masked")
+        with_overrides(Config(), drawn)  # every draw makes a valid config
+        study.tell(trial, float(sigmoid))
+    drawn_keys = {frozenset(t.params) for t in study.trials}
+    assert len(drawn_keys) == 3, drawn_keys  # softmax alone, sigmoid with crossentropy, sigmoid with masked
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # trials asked for by hand, not by optimize
+@pytest.mark.parametrize("preset, expected", [
+    ("experiments/quick.yaml", {"model.activation": "softmax"}),
+    ("experiments/ablation/b2-masked.yaml", {"model.activation": "sigmoid", "model.loss": "masked",
+                                             "model.unknown_weight": 0.5, "model.head": "pooled"}),
+])
+def test_the_preset_s_values_run_first_and_once(tmp_path, preset, expected):
+    space = studies.load_space(write_space(tmp_path, {"model.dropout": {"low": 0.0, "high": 0.6}, **WEAK_LABELS}))
+    first = space.first_trial(flatten(load(ROOT / preset)))
+    assert first == {"model.dropout": 0.3, **expected}
+
+    def open_study():
+        return studies.open_study(f"sqlite:///{tmp_path / 'optuna.db'}", "s", heartbeat=60, first_trial=first,
+                                  sampler_for=lambda n: optuna.samplers.RandomSampler(seed=n),
+                                  pruner=optuna.pruners.NopPruner())
+
+    study = open_study()
+    trial = study.ask()
+    assert space.suggest(trial) == first and trial.user_attrs["preset"]
+    study.tell(trial, 0.5)
+    assert len(open_study().trials) == 1  # a worker opening the study again queues the preset no more
+
+
+def test_a_preset_value_outside_the_choices_cannot_run_first(tmp_path):
+    space = studies.load_space(write_space(tmp_path, {"model.activation": {"choices": ["sigmoid"]}}))
+    with pytest.raises(ConfigError, match=r"^model.activation: the preset's 'softmax' is not among the choices "
+                                          r"\(sigmoid\)"):
+        space.first_trial(flatten(Config()))
+
+
+def test_check_names_the_draw_a_preset_cannot_take(tmp_path):
+    space = studies.load_space(write_space(tmp_path, WEAK_LABELS))
+    space.check(load(ROOT / "experiments" / "quick.yaml"))
+    with pytest.raises(ConfigError, match=r"^model.activation: 'softmax' makes an invalid config \(model.loss: "):
+        space.check(load(ROOT / "experiments" / "ablation" / "b2-masked.yaml"))  # its masked loss stays with softmax
+
+
+SIGMOID = {"model.activation": {"choices": ["softmax", "sigmoid"]}}
+
+
 @pytest.mark.parametrize("space, sections, message", [
     ({"augment.min_snr": {"low": 20, "high": 10}}, {}, "augment.min_snr: empty or inverted range: low 20 must be below high 10"),
     ({"augment.min_snr": {"low": 5, "high": 5}}, {}, "empty or inverted range"),
@@ -72,6 +160,44 @@ def test_integer_keys_are_drawn_as_integers(tmp_path):
     ({"augment.min_snr": {"low": 0, "high": 30}, "augment.max_snr": {"low": 5, "high": 20, "above": "augment.min_snr"}},
      {}, "high 20 must exceed the high of augment.min_snr (30)"),
     ({"model.dropout": {"low": 0, "high": 0.5}}, {"pruner": {"warmup_epochs": -1}}, "pruner.warmup_epochs must be"),
+    ({"model.head": {"choices": ["pooled"], "weight": 1}}, {}, "model.head: expected {choices} and optionally when"),
+    ({"model.dropout": {"choices": [0.1, 0.2], "low": 0, "high": 1}}, {}, "model.dropout: expected {choices}"),
+    ({"model.head": {"choices": []}}, {}, "model.head: choices must be a non-empty list; got []"),
+    ({"model.head": {"choices": "pooled"}}, {}, "model.head: choices must be a non-empty list; got 'pooled'"),
+    ({"model.head": {"choices": ["pooled", "attention", "pooled"]}}, {}, "model.head: choices must be distinct"),
+    ({"model.dropout": {"choices": [0.5, 0.50]}}, {}, "model.dropout: choices must be distinct"),
+    ({"model.nope": {"choices": [1, 2]}}, {}, "model.nope: not a config key"),
+    ({"train.batch_size": {"choices": [16, "32"]}}, {}, "train.batch_size: choices must be of type int, as the config "
+                                                       "key; got '32'"),
+    ({"model.dropout": {"choices": [0.1, True]}}, {},
+     "model.dropout: choices must be of type float, as the config key; got True"),
+    ({"model.activation": {"choices": ["softmax", ["sigmoid"]]}}, {}, "model.activation: choices must be of type str"),
+    ({"model.activation": {"choices": ["softmax", "sigmod"]}}, {},
+     "model.activation: 'sigmod' makes an invalid config (model.activation must be one of softmax, sigmoid"),
+    ({**SIGMOID, "model.head": {"choices": ["pooled", "attention"]}}, {},
+     "model.head: 'attention' with model.activation: softmax makes an invalid config (model.head: attention needs"),
+    ({"model.loss": {"choices": ["crossentropy", "masked"], "when": {"model.nope": "x"}}}, {},
+     "model.loss: when: model.nope is not a key listed before it"),
+    ({"model.loss": {"choices": ["crossentropy", "masked"], "when": {"model.activation": "sigmoid"}}, **SIGMOID}, {},
+     "model.loss: when: model.activation is not a key listed before it"),
+    ({"model.dropout": {"low": 0, "high": 0.5}, "model.head": {"choices": ["pooled"], "when": {"model.dropout": 0.1}}},
+     {}, "model.head: when: model.dropout is a range; a condition needs a key with choices"),
+    ({**SIGMOID, "model.loss": {"choices": ["crossentropy", "masked"], "when": {"model.activation": "sigmod"}}}, {},
+     "model.loss: when: model.activation: 'sigmod' is not among its choices (softmax, sigmoid)"),
+    ({**SIGMOID, "model.loss": {"choices": ["crossentropy"], "when": {"model.activation": ["sigmoid", "relu"]}}}, {},
+     "model.loss: when: model.activation: ['sigmoid', 'relu'] is not among its choices"),
+    ({**SIGMOID, "model.loss": {"choices": ["crossentropy"], "when": {"model.activation": []}}}, {},
+     "model.loss: when: model.activation: [] is not among its choices"),
+    ({**SIGMOID, "model.loss": {"choices": ["crossentropy"], "when": "model.activation"}}, {},
+     "model.loss: when must map keys listed before it"),
+    ({**SIGMOID, "model.dropout": {"low": 0, "high": 0.5, "when": {"model.activation": "tanh"}}}, {},
+     "model.dropout: when: model.activation: 'tanh' is not among its choices"),
+    ({**SIGMOID, "augment.min_snr": {"low": 0, "high": 10, "when": {"model.activation": "sigmoid"}},
+      "augment.max_snr": {"low": 5, "high": 30, "above": "augment.min_snr"}}, {},
+     "augment.max_snr: above: augment.min_snr must have the same when as augment.max_snr"),
+    ({"augment.min_snr": {"choices": [0.0, 5.0]},
+      "augment.max_snr": {"low": 5, "high": 30, "above": "augment.min_snr"}},
+     {}, "augment.max_snr: above: augment.min_snr must be a range listed before it"),
 ])
 def test_bad_search_space_is_one_clear_error(tmp_path, space, sections, message):
     path = write_space(tmp_path, space, **sections)
@@ -168,13 +294,18 @@ def mlflow_run_study(tiny_data, tmp_path_factory):
     return client, runs, study, outputs
 
 
+def logged_as(param: str, value) -> bool:
+    """Whether an MLflow param (text) holds the drawn ``value``."""
+    return param == value if isinstance(value, str) else float(param) == pytest.approx(value)
+
+
 def test_study_resumes_without_repeating_trial_numbers(mlflow_run_study):
     _, runs, study, outputs = mlflow_run_study
     assert [t.number for t in study.trials] == [0, 1, 2]
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
     assert study.trials[0].user_attrs["preset"]
     assert study.trials[0].params == {"augment.min_snr": 5.0, "augment.max_snr": 20.0, "data.crop_seconds": 2.0,
-                                      "train.learning_rate": 0.001, "model.dropout": 0.3}
+                                      "train.learning_rate": 0.001, "model.dropout": 0.3, "model.activation": "softmax"}
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 2 and all(p.data.tags["mlflow.runName"] == "study-tiny" for p in parents)
     assert "best val_lwlrap" in outputs[1] and "--set data.data_dir=" in outputs[1]
@@ -190,7 +321,7 @@ def test_each_trial_is_a_nested_run_with_its_params_metrics_and_state(mlflow_run
         assert run.data.tags["trial_state"] == trial.state.name and run.data.tags["study"] == "tiny"
         assert run.data.tags["mlflow.runName"] == f"trial-{trial.number}"
         for key, value in trial.params.items():
-            assert float(run.data.params[key]) == pytest.approx(value), key
+            assert logged_as(run.data.params[key], value), key
         history = client.get_metric_history(run.info.run_id, "val_lwlrap")
         assert [m.step for m in history] == list(range(1, len(history) + 1)) and history
         assert trial.intermediate_values == pytest.approx({m.step: m.value for m in history})
@@ -209,7 +340,7 @@ def test_parent_run_holds_the_study_summary_and_plots(mlflow_run_study):
     assert last.data.metrics["best_value"] == pytest.approx(max(t.value for t in completed))
     assert last.data.metrics["trials_complete"] + last.data.metrics["trials_pruned"] == 3
     for key, value in study.best_params.items():
-        assert float(last.data.params[f"best.{key}"]) == pytest.approx(value)
+        assert logged_as(last.data.params[f"best.{key}"], value), key
     plots = {a.path for a in client.list_artifacts(last.info.run_id, "plots")}
     assert {"plots/optimization_history.png", "plots/slice.png", "plots/parallel_coordinate.png"} <= plots
     assert {a.path for a in client.list_artifacts(last.info.run_id)} >= {"search.yaml", "config.yaml",

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rfcx_mlops.config import DetectConfig, read_csv
+from rfcx_mlops.config import DetectConfig, PseudoConfig, read_csv
 from rfcx_mlops.data.raven import species_name
 from rfcx_mlops.errors import ConfigError
 
@@ -61,14 +61,15 @@ def events(line: Timeline, thresholds: np.ndarray, min_gap: float) -> pd.DataFra
     return pd.DataFrame(rows, columns=["species_id", "t_start", "t_end", "score"])
 
 
-def thresholds(cfg: DetectConfig, n_classes: int) -> np.ndarray:
-    """Each species' threshold: ``detect.threshold``, or its row of ``detect.thresholds_file``."""
+def thresholds(cfg: DetectConfig | PseudoConfig, n_classes: int) -> np.ndarray:
+    """Each species' threshold: ``threshold``, or its row of ``thresholds_file`` (of ``detect`` or ``pseudo``)."""
     out = np.full(n_classes, cfg.threshold, np.float32)
     if not cfg.thresholds_file:
         return out
     path = Path(cfg.thresholds_file)
     if not path.is_file():
-        raise ConfigError(f"detect.thresholds_file: {path} is not a file")
+        section = "pseudo" if isinstance(cfg, PseudoConfig) else "detect"
+        raise ConfigError(f"{section}.thresholds_file: {path} is not a file")
     table = read_csv(path)
     if list(table.columns) != ["species_id", "threshold"]:
         raise ConfigError(f"{path}: the header must be species_id,threshold; got {','.join(table.columns)}")

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import keras
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.data.code_dataset_source import CodeDatasetSource
 from sklearn.metrics import average_precision_score
 
 from rfcx_mlops import streams
@@ -43,6 +45,21 @@ log = logging.getLogger("rfcx_mlops.fit")
 GRID_SAMPLES = 4
 # ResNet50 training on a CPU: 1.13 samples/s of 128 x 1876 images on 2 cores (benchmarks/train_step.py)
 CPU_PIXELS_PER_CORE_SECOND = 1.13 * 128 * 1876 / 2
+
+
+@dataclass(frozen=True)
+class Student:
+    """A self-training round's part of a fold's training: the teacher's pseudo-labelled windows (``learn.pseudo``),
+    their table, the teacher's model, and where given the weights to start from."""
+
+    samples: Samples
+    labels: pd.DataFrame
+    teacher_run_id: str
+    teacher_model: str  # models:/<id>
+    init: Path | None = None  # a .keras file whose weights the student starts from
+
+
+PSEUDO_LABELS_FILE = "pseudo_labels.csv"
 
 
 @dataclass(frozen=True)
@@ -187,8 +204,9 @@ class _Start:
 
 
 def _new_run(cfg: Config, fold: int, data: Dataset, batches: _FoldBatches, scratch: Path,
-             tags: dict[str, str]) -> _Start:
-    """A fresh run's record (config, tags, data set, folds, augmentation samples) and its new model."""
+             tags: dict[str, str], student: Student | None) -> _Start:
+    """A fresh run's record (config, tags, data set, folds, augmentation samples, a student's pseudo-labels)
+    and its new model."""
     runs.log_config(cfg)
     digest = folder.fingerprint(data.data_dir)
     mlflow.set_tags(runs.tags(cfg, fold=fold, dataset_fingerprint=digest, device=runs.device(),
@@ -199,9 +217,26 @@ def _new_run(cfg: Config, fold: int, data: Dataset, batches: _FoldBatches, scrat
     mlflow.log_artifact(str(folds.write_csv(data.tp, batches.assigned, scratch / "folds.csv")))
     _log_species(cfg, data)
     _augmentation_grid(cfg, batches.train.samples, data.recordings)
+    if student is not None:
+        _log_pseudo_labels(student, scratch)
     with precision_and_devices(cfg):
         model = build(cfg, len(batches.train))
+        if student is not None and student.init is not None:
+            model.set_weights(keras.models.load_model(student.init, compile=False).get_weights())
         return _Start(model, for_training(model, cfg))
+
+
+def _log_pseudo_labels(student: Student, scratch: Path) -> None:
+    """The student's pseudo-label table, as an artifact and as its dataset input (context ``pseudo-labels``,
+    source: the teacher's model), so the runs list shows which labels made which model."""
+    path = scratch / PSEUDO_LABELS_FILE
+    student.labels.to_csv(path, index=False, float_format="%.6g")
+    mlflow.log_artifact(str(path))
+    source = CodeDatasetSource({"teacher_run_id": student.teacher_run_id, "teacher_model": student.teacher_model})
+    with warnings.catch_warnings():  # a hint that integer columns cannot hold missing values: these never do
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(student.labels, source=source, name="pseudo-labels", targets="target")
+        mlflow.log_input(dataset, context="pseudo-labels")
 
 
 def _species(cfg: Config, data: Dataset) -> pd.DataFrame:
@@ -268,7 +303,7 @@ class _FoldBatches:
     val: Batches
 
 
-def _fold_batches(cfg: Config, fold: int, data: Dataset) -> _FoldBatches:
+def _fold_batches(cfg: Config, fold: int, data: Dataset, pseudo: Samples | None = None) -> _FoldBatches:
     check_fold(cfg, fold)
     folder.check_crop(cfg, data)
     assigned = folds.assign_folds(data.tp, cfg.folds.n_splits, cfg.seed)
@@ -278,28 +313,33 @@ def _fold_batches(cfg: Config, fold: int, data: Dataset) -> _FoldBatches:
     workers = cfg.train.workers or os.cpu_count() or 1
     reuse_freed_memory()  # process-wide: the batches' workers allocate many 2-8 MB arrays a sample
     train_samples, val_samples = _samples(cfg, data, train_events, val_events)
+    if pseudo is not None:
+        if set(pseudo.recording_ids) & set(val_events["recording_id"]):
+            raise ValueError(f"pseudo-labelled windows in the validation recordings of fold {fold}")
+        train_samples = train_samples + pseudo
     batches = _FoldBatches(assigned, val_events,
                            make_batches(train_samples, data.recordings, cfg, training=True, workers=workers),
                            make_batches(val_samples, data.recordings, cfg, training=False, workers=workers))
     _warn_without_gpu(cfg, batches.train.samples_per_epoch)
-    log.info("fold %d: %d training windows and %d validation windows, %d steps an epoch",
-             fold, len(train_samples), len(val_samples), len(batches.train))
+    log.info("fold %d: %d training windows (%d pseudo-labelled) and %d validation windows, %d steps an epoch",
+             fold, len(train_samples), train_samples.pseudo.sum(), len(val_samples), len(batches.train))
     return batches
 
 
 def train_fold(cfg: Config, fold: int, *, data: Dataset | None = None, resume: str | None = None,
                parent_run_id: str | None = None, callbacks: tuple[keras.callbacks.Callback, ...] = (),
                tags: dict[str, str] | None = None, run_name: str | None = None,
-               log_model: bool = True) -> FoldResult:
+               log_model: bool = True, student: Student | None = None) -> FoldResult:
     """Train ``fold`` (1..n_splits) of ``cfg`` in an MLflow run (named ``run_name``, by default
     <preset>-fold<fold>); ``resume`` continues an earlier run by its id.
 
     ``data``: the prepared data set (``prepare(cfg)``), when several runs share it.
+    ``student``: a self-training round's pseudo-labelled windows, trained on with the fold's own.
     A finished run keeps the best epoch's weights as its servable model (unless ``log_model`` is
     false) and drops the checkpoints it could have resumed from (``train.keep_checkpoint``).
     """
     data = data or prepare(cfg)
-    batches = _fold_batches(cfg, fold, data)
+    batches = _fold_batches(cfg, fold, data, student and student.samples)
     if resume:
         checkpoints.check_resumable(resume)
     with runs.tracked_run(run_id=resume, run_name=run_name or f"{cfg.name}-fold{fold}",
@@ -312,7 +352,7 @@ def train_fold(cfg: Config, fold: int, *, data: Dataset | None = None, resume: s
             start = _resumed_run(cfg, run, scratch)
             batches.train.set_epoch(start.epoch)
         else:
-            start = _new_run(cfg, fold, data, batches, scratch, tags or {})
+            start = _new_run(cfg, fold, data, batches, scratch, tags or {}, student)
         logger = _fit(cfg, start, batches, data, scratch, callbacks)
         result = _finish(cfg, fold, run.info.run_id, logger, batches, data, scratch, log_model)
     return result

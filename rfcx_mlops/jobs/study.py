@@ -14,15 +14,15 @@ from __future__ import annotations
 import math
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import optuna
 import sqlalchemy
 from sqlalchemy.pool import NullPool
 
-from rfcx_mlops.config import Config, flatten, read_yaml
+from rfcx_mlops.config import Config, flatten, read_yaml, with_overrides
 from rfcx_mlops.errors import ConfigError
 
 SCHEMES = ("sqlite", "postgresql")
@@ -30,9 +30,23 @@ _STARTUP_LOCK_KEY = 0x7266_6378_7475_6E65  # any fixed key: every worker must ta
 _CONNECT_TIMEOUT_S = 10
 
 
+Value = bool | int | float | str  # a drawn value, as the config key holds it
+Conditions = tuple[tuple[str, tuple[Value, ...]], ...]  # (key drawn before, the values that let this key be drawn)
+
+
 @dataclass(frozen=True)
-class Range:
+class Searched:
+    """A config key of the search space, drawn only where every one of its conditions holds."""
+
     key: str
+    when: Conditions = field(default=(), kw_only=True)
+
+    def drawn_after(self, drawn: Mapping[str, Value]) -> bool:
+        return all(other in drawn and drawn[other] in values for other, values in self.when)
+
+
+@dataclass(frozen=True)
+class Range(Searched):
     low: float
     high: float
     log: bool = False
@@ -40,7 +54,10 @@ class Range:
     above: str | None = None
     integer: bool = False
 
-    def suggest(self, trial: optuna.Trial, drawn: dict[str, float]) -> float:
+    def bounds(self) -> tuple[float, float]:
+        return (math.ceil(self.low), int(self.high)) if self.integer else (self.low, self.high)
+
+    def suggest(self, trial: optuna.Trial, drawn: Mapping[str, Value]) -> float:
         low = max(self.low, drawn[self.above]) if self.above else self.low
         if self.integer:
             return trial.suggest_int(self.key, math.ceil(low), int(self.high), log=self.log, step=int(self.step or 1))
@@ -48,17 +65,63 @@ class Range:
 
 
 @dataclass(frozen=True)
+class Choice(Searched):
+    choices: tuple[Value, ...]
+
+    def suggest(self, trial: optuna.Trial, drawn: Mapping[str, Value]) -> Value:
+        return trial.suggest_categorical(self.key, self.choices)
+
+
+@dataclass(frozen=True)
 class SearchSpace:
-    ranges: tuple[Range, ...]
+    ranges: tuple[Range | Choice, ...]  # the searched keys in file order: numeric ranges and lists of choices
     sampler_startup_trials: int = 4
     pruner_startup_trials: int = 3
     pruner_warmup_epochs: int = 6
 
-    def suggest(self, trial: optuna.Trial) -> dict[str, float]:
-        drawn: dict[str, float] = {}
+    def suggest(self, trial: optuna.Trial) -> dict[str, Value]:
+        """The trial's draw: only the keys whose conditions hold, the others keep the preset's values."""
+        return self._draw(lambda r, drawn: r.suggest(trial, drawn))
+
+    def first_trial(self, preset: Mapping[str, Value]) -> dict[str, Value]:
+        """The preset's own values of the keys it draws (flattened config values): the study's first trial."""
+        def own(r: Range | Choice, _) -> Value:
+            if isinstance(r, Choice) and preset[r.key] not in r.choices:  # Optuna would fail the trial
+                raise ConfigError(f"{r.key}: the preset's {preset[r.key]!r} is not among the choices "
+                                  f"({', '.join(map(str, r.choices))}), so the preset cannot run as the first trial")
+            return preset[r.key]
+        return self._draw(own)
+
+    def _draw(self, value: Callable[[Range | Choice, dict[str, Value]], Value]) -> dict[str, Value]:
+        drawn: dict[str, Value] = {}
         for r in self.ranges:
-            drawn[r.key] = r.suggest(trial, drawn)
+            if r.drawn_after(drawn):
+                drawn[r.key] = value(r, drawn)
         return drawn
+
+    def check(self, cfg: Config) -> None:
+        """Every extreme draw makes a valid config over ``cfg``: each choice and each range's low and high, with
+        every combination of choices that lets the key be drawn.  A ``ConfigError`` names the first that does not."""
+        combinations: list[dict[str, Value]] = [{}]
+        for r in self.ranges:
+            grown = []
+            for drawn in combinations:
+                if not r.drawn_after(drawn):
+                    grown.append(drawn)
+                    continue
+                for value in r.choices if isinstance(r, Choice) else r.bounds():
+                    try:
+                        with_overrides(cfg, {**drawn, r.key: value})
+                    except ConfigError as exc:
+                        context = "".join(f" with {k}: {v}" for k, v in drawn.items())
+                        raise ConfigError(f"{r.key}: {value!r}{context} makes an invalid config ({exc})") from None
+                grown += [{**drawn, r.key: v} for v in r.choices] if isinstance(r, Choice) else [drawn]
+            combinations = grown
+
+
+def shown(value) -> str:
+    """A drawn value as a line shows it: numbers to 6 significant digits, choices as they are."""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
 def load_space(path: str | Path) -> SearchSpace:
@@ -70,12 +133,16 @@ def load_space(path: str | Path) -> SearchSpace:
     space = doc.get("space")
     if not isinstance(space, dict) or not space:
         raise ConfigError(f"{path}: space: no ranges to search")
-    ranges: list[Range] = []
-    for key, spec in space.items():
-        try:
-            ranges.append(_range(key, spec, ranges))
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
+    ranges: list[Range | Choice] = []
+    try:
+        for key, spec in space.items():
+            ranges.append(_choice(key, spec, ranges) if isinstance(spec, dict) and "choices" in spec
+                          else _range(key, spec, ranges))
+        # A choice no config takes (a typo, a combination the config refuses) is named here, with its file;
+        # the ranges' bounds depend on the preset, so they are checked when tuning starts.
+        SearchSpace(tuple(r for r in ranges if isinstance(r, Choice))).check(Config())
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
     def count(section: str, name: str, default: int) -> int:
         value = (doc.get(section) or {}).get(name, default)
@@ -87,18 +154,19 @@ def load_space(path: str | Path) -> SearchSpace:
                        count("pruner", "warmup_epochs", 6))
 
 
-def _range(key: str, spec, before: list[Range]) -> Range:
-    """The range of config key ``key`` that ``spec`` gives, checked against the ranges ``before`` it."""
+def _range(key: str, spec, before: list[Range | Choice]) -> Range:
+    """The range of config key ``key`` that ``spec`` gives, checked against the keys ``before`` it."""
     default = flatten(Config()).get(key)
     if isinstance(default, bool) or not isinstance(default, (int, float)):
         raise ConfigError(f"{key}: not a numeric config key")
     if not isinstance(spec, dict) or not {"low", "high"} <= set(spec) or \
-            set(spec) - {"low", "high", "log", "step", "above"}:
-        raise ConfigError(f"{key}: expected {{low, high}} and optionally log, step, above; got {spec!r}")
+            set(spec) - {"low", "high", "log", "step", "above", "when"}:
+        raise ConfigError(f"{key}: expected {{low, high}} and optionally log, step, above, when; got {spec!r}")
+    when = _when(key, spec.get("when"), before)
     try:
         r = Range(key, float(spec["low"]), float(spec["high"]), bool(spec.get("log", False)),
                   None if spec.get("step") is None else float(spec["step"]), spec.get("above"),
-                  isinstance(default, int))
+                  isinstance(default, int), when=when)
     except (TypeError, ValueError):
         raise ConfigError(f"{key}: low, high and step must be numbers; got {spec!r}") from None
     if not r.low < r.high:
@@ -109,11 +177,57 @@ def _range(key: str, spec, before: list[Range]) -> Range:
         raise ConfigError(f"{key}: step must be within (0, high - low]; got {r.step:g}")
     if r.above is not None:
         ref = next((x for x in before if x.key == r.above), None)
-        if ref is None:
+        if not isinstance(ref, Range):
             raise ConfigError(f"{key}: above: {r.above} must be a range listed before it")
         if ref.high >= r.high:
             raise ConfigError(f"{key}: high {r.high:g} must exceed the high of {r.above} ({ref.high:g})")
+        if ref.when != r.when:  # the value it stays above must be drawn whenever it is
+            raise ConfigError(f"{key}: above: {r.above} must have the same when as {key}")
     return r
+
+
+def _choice(key: str, spec: dict, before: list[Range | Choice]) -> Choice:
+    """The choices of config key ``key`` that ``spec`` gives, each of the key's type; checked against ``before``."""
+    flat = flatten(Config())
+    if key not in flat:
+        raise ConfigError(f"{key}: not a config key")
+    if set(spec) - {"choices", "when"}:
+        raise ConfigError(f"{key}: expected {{choices}} and optionally when; got {spec!r}")
+    choices = spec["choices"]
+    if not isinstance(choices, list) or not choices:
+        raise ConfigError(f"{key}: choices must be a non-empty list; got {choices!r}")
+    kind = type(flat[key])
+    # Strict types: Optuna stores the value as it is, and it is what the best trial reports.
+    if kind is float:
+        choices = [float(c) if type(c) is int else c for c in choices]
+    wrong = [c for c in choices if type(c) is not kind]
+    if wrong:
+        raise ConfigError(f"{key}: choices must be of type {kind.__name__}, as the config key; got {wrong[0]!r}")
+    if len(set(choices)) < len(choices):
+        raise ConfigError(f"{key}: choices must be distinct; got {spec['choices']!r}")
+    return Choice(key, tuple(choices), when=_when(key, spec.get("when"), before))
+
+
+def _when(key: str, when, before: list[Range | Choice]) -> Conditions:
+    """``when: {KEY: value or [values]}``: each KEY a choices key listed before ``key``, each value one of its
+    choices."""
+    if when is None:
+        return ()
+    if not isinstance(when, dict) or not when:
+        raise ConfigError(f"{key}: when must map keys listed before it to a value or a list of values; got {when!r}")
+    conditions = []
+    for other, values in when.items():
+        ref = next((x for x in before if x.key == other), None)
+        if ref is None:
+            raise ConfigError(f"{key}: when: {other} is not a key listed before it")
+        if not isinstance(ref, Choice):
+            raise ConfigError(f"{key}: when: {other} is a range; a condition needs a key with choices")
+        values = tuple(values) if isinstance(values, list) else (values,)
+        if not values or any(v not in ref.choices for v in values):
+            raise ConfigError(f"{key}: when: {other}: {when[other]!r} is not among its choices "
+                              f"({', '.join(map(str, ref.choices))})")
+        conditions.append((other, values))
+    return tuple(conditions)
 
 
 def redact(url: str) -> str:
@@ -185,7 +299,7 @@ def open_storage(url: str, heartbeat: int,
             return connect()
 
 
-def open_study(url: str, name: str, *, heartbeat: int, first_trial: dict[str, float],
+def open_study(url: str, name: str, *, heartbeat: int, first_trial: dict[str, Value],
                sampler_for: Callable[[int], optuna.samplers.BaseSampler], pruner: optuna.pruners.BasePruner,
                stale_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None) -> optuna.Study:
     """Create or load the maximizing study ``name``, with ``first_trial`` queued once (the preset's own values).

@@ -25,7 +25,7 @@ from rfcx_mlops import streams
 from rfcx_mlops.config import Config, flatten, to_yaml, with_overrides
 from rfcx_mlops.data.folder import Dataset
 from rfcx_mlops.jobs import fit
-from rfcx_mlops.jobs.study import SearchSpace, open_study, redact, scheme
+from rfcx_mlops.jobs.study import SearchSpace, open_study, redact, scheme, shown
 from rfcx_mlops.streams import Purpose
 from rfcx_mlops.track import checkpoints, runs
 
@@ -130,7 +130,7 @@ class Objective:
         keras.backend.clear_session()  # the last trial's graphs and layer names are freed
         values = self.space.suggest(trial)
         tags = {"study": self.study_name, "trial_number": str(trial.number)}
-        log.info("trial %d: %s", trial.number, ", ".join(f"{k}={v:.4g}" for k, v in values.items()))
+        log.info("trial %d: %s", trial.number, ", ".join(f"{k}={shown(v)}" for k, v in values.items()))
         try:
             cfg = with_overrides(self.cfg, values)
             if len(self.folds) == 1:
@@ -233,7 +233,7 @@ def run(cfg: Config, space: SearchSpace, tuning: Tuning) -> tuple[optuna.Study, 
     preset = flatten(cfg)
     study = open_study(
         tuning.storage, tuning.study_name, heartbeat=tuning.heartbeat, stale_trial=RequeueStale(),
-        first_trial={r.key: preset[r.key] for r in space.ranges},
+        first_trial=space.first_trial(preset),
         sampler_for=lambda n_existing: optuna.samplers.TPESampler(
             seed=sampler_seed(cfg.seed, tuning.storage, n_existing), n_startup_trials=space.sampler_startup_trials),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=space.pruner_startup_trials,

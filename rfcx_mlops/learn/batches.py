@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import math
 import threading
@@ -30,9 +31,14 @@ class Samples:
     starts: np.ndarray  # (n,) window start in seconds
     labels: np.ndarray  # (n, n_classes) float32: 1 where a labelled call (train_tp) overlaps the window
     known: np.ndarray  # (n, n_classes) bool: labelled, or verified absent (a train_fp row overlaps the window)
+    pseudo: np.ndarray  # (n,) bool: a window labelled by a teacher model (self-training), not by the rows
 
     def __len__(self) -> int:
         return len(self.starts)
+
+    def __add__(self, other: Samples) -> Samples:
+        return Samples(*(np.concatenate([a, b]) for a, b in zip(dataclasses.astuple(self),
+                                                                 dataclasses.astuple(other))))
 
 
 def targets(labels: np.ndarray, known: np.ndarray, model: ModelConfig) -> np.ndarray:
@@ -104,6 +110,12 @@ def make_samples(events: pd.DataFrame, recordings: dict[str, AudioInfo], crop_se
     if placed is not None:
         ids = np.concatenate([ids, placed["recording_id"].to_numpy(dtype=str)])
         starts = np.concatenate([starts, placed["start"].to_numpy(dtype=float)])
+    return window_labels(ids, starts, events, absences, crop_seconds, n_classes)
+
+
+def window_labels(ids: np.ndarray, starts: np.ndarray, events: pd.DataFrame, absences: pd.DataFrame,
+                  crop_seconds: float, n_classes: int) -> Samples:
+    """The windows at (``ids``, ``starts``) labelled by the rows: ``make_samples``' rule."""
     calls = {rid: rows for rid, rows in events.groupby("recording_id")}
     absent = {rid: rows for rid, rows in absences.groupby("recording_id")}
     labels, known = np.zeros((len(ids), n_classes), np.float32), np.zeros((len(ids), n_classes), bool)
@@ -114,7 +126,7 @@ def make_samples(events: pd.DataFrame, recordings: dict[str, AudioInfo], crop_se
                 inside = rows[(rows["t_max"] > start) & (rows["t_min"] < start + crop_seconds)]
                 out[i, inside["species_id"].to_numpy()] = 1
     known |= labels > 0
-    return Samples(ids, starts, labels, known)
+    return Samples(ids, starts, labels, known, np.zeros(len(ids), bool))
 
 
 class Batches(keras.utils.PyDataset):
@@ -145,8 +157,7 @@ class Batches(keras.utils.PyDataset):
                                              self.sample_rate)
         self.spectral = self.transform.spectral  # part of each draw is applied to the spectrogram
         self.mixup = training and cfg.augment.mixup_p > 0
-        self.epoch = 0
-        self.order = self._order()
+        self.set_epoch(0)
         self._cache: dict[int, np.ndarray] = {}  # training: 16-bit audio; validation: images
         self._locks = [threading.Lock() for _ in range(64)]  # per sample (striped): no work done twice
 
@@ -156,14 +167,33 @@ class Batches(keras.utils.PyDataset):
             return np.arange(n)
         rng = streams.rng(self.cfg.seed, Purpose.EPOCH_ORDER, self.epoch)
         steps = self.cfg.train.steps_per_epoch
+        pseudo = self.samples.pseudo
+        if pseudo.any():
+            return self._shared_order(np.flatnonzero(~pseudo), np.flatnonzero(pseudo), rng)
         # A fixed number of steps may need more than one pass over the samples.
         passes = 1 if steps == 0 else math.ceil(steps * self.batch_size / n)
         return np.concatenate([rng.permutation(n) for _ in range(passes)])
 
+    def _shared_order(self, original: np.ndarray, pseudo: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Every batch: ``pseudo.share`` of it on the original rows' windows, the rest on pseudo-labelled ones.
+
+        An epoch is as long as without pseudo-labels (one pass over the original windows), so a student costs
+        what its teacher did; each kind is drawn in passes of its own shuffles.
+        """
+        size = self.batch_size
+        own = min(size - 1, max(1, round(self.cfg.pseudo.share * size)))
+        steps = self.cfg.train.steps_per_epoch or math.ceil(len(original) / size)
+
+        def drawn(pool: np.ndarray, k: int) -> np.ndarray:
+            return np.concatenate([rng.permutation(pool) for _ in range(math.ceil(k / len(pool)))])[:k]
+
+        return np.concatenate([drawn(original, steps * own).reshape(steps, own),
+                               drawn(pseudo, steps * (size - own)).reshape(steps, size - own)], axis=1).ravel()
+
     def __len__(self) -> int:
         if self.training and self.cfg.train.steps_per_epoch:
             return self.cfg.train.steps_per_epoch
-        return math.ceil(len(self.samples) / self.batch_size)
+        return math.ceil(len(self.order) / self.batch_size)
 
     def waveform(self, i: int) -> np.ndarray:
         info = self.recordings[self.samples.recording_ids[i]]
@@ -199,9 +229,8 @@ class Batches(keras.utils.PyDataset):
         """The (sample, repeat) pairs of batch ``index``."""
         if not 0 <= index < len(self):
             raise IndexError(f"batch {index} out of range (0..{len(self) - 1})")
-        start = index * self.batch_size
-        n = len(self.samples)  # the order holds whole passes: position // n is the pass
-        return [(int(i), (start + k) // n) for k, i in enumerate(self.order[start : start + self.batch_size])]
+        positions = slice(index * self.batch_size, (index + 1) * self.batch_size)
+        return list(zip(self.order[positions].tolist(), self.repeats[positions].tolist()))
 
     def labels(self, batch: list[tuple[int, int]]) -> np.ndarray:
         idx = [i for i, _ in batch]
@@ -211,11 +240,11 @@ class Batches(keras.utils.PyDataset):
         """Continue the sequence of shuffles and draws from ``epoch`` (0-based), as when resuming a run."""
         self.epoch = epoch
         self.order = self._order()
+        self.repeats = occurrences(self.order)
 
     def on_epoch_end(self) -> None:
         if self.training:
-            self.epoch += 1
-            self.order = self._order()
+            self.set_epoch(self.epoch + 1)
 
 
 class SpectrogramBatches(Batches):
@@ -293,6 +322,15 @@ def reuse_freed_memory() -> None:
         return
     libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: its maximum on 64-bit
     libc.mallopt(-1, 128 << 20)  # M_TRIM_THRESHOLD: keep that much free memory at the top of the heap
+
+
+def occurrences(order: np.ndarray) -> np.ndarray:
+    """For each position of ``order``, how often its sample came earlier: the repeat its draws are keyed by."""
+    ranked = np.argsort(order, kind="stable")
+    firsts = np.searchsorted(order[ranked], order[ranked])  # where each sample's run starts in sorted order
+    out = np.empty(len(order), dtype=np.int64)
+    out[ranked] = np.arange(len(order)) - firsts
+    return out
 
 
 def to_pcm16(y: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from rfcx_mlops.errors import UserError
 
-COLUMNS = ["run_id", "run_name", "status", "preset", "fold", "best_val_lwlrap", "best_val_recording_lwlrap",
+COLUMNS = ["run_id", "run_name", "status", "preset", "fold", "teacher", "best_val_lwlrap", "best_val_recording_lwlrap",
            "test_lwlrap", "best_epoch", "epochs", "wall_time_s", "artifacts_mb", "started"]
 
 
@@ -44,6 +44,7 @@ def runs_table(experiment: str) -> pd.DataFrame:
             "status": info.status,
             "preset": data.tags.get("preset", ""),
             "fold": data.tags.get("fold", ""),
+            "teacher": data.tags.get("teacher_run_id", "")[:8],  # a self-training round's: teacher -> student
             "best_val_lwlrap": data.metrics.get("best_val_lwlrap"),
             "best_val_recording_lwlrap": data.metrics.get("best_val_recording_lwlrap"),
             "test_lwlrap": data.metrics.get("test_lwlrap"),
