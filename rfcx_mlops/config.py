@@ -179,6 +179,8 @@ _CHOICES = {
     "pseudo.mode": ("hard", "soft"),
     "train.keep_checkpoint": ("until_finished", "always"),
 }
+
+
 _POSITIVE = (
     "data.sample_rate", "data.n_classes", "data.crop_seconds", "data.demo_recordings",
     "features.n_fft", "features.hop_length", "features.n_mels", "features.frames", "features.top_db",
@@ -196,6 +198,11 @@ _NON_NEGATIVE = (
     "train.random_windows", "train.recording_eval_every", "train.recording_hop_seconds",
     "detect.min_gap_seconds", "model.step_loss_weight", "pseudo.hop_seconds",
 )
+
+
+def allowed_values(key: str) -> tuple[str, ...] | None:
+    """The values config key ``key`` takes where it takes a fixed set of them, else None."""
+    return _CHOICES.get(key)
 
 
 def _validate(cfg: Config) -> None:
@@ -245,8 +252,8 @@ def _validate(cfg: Config) -> None:
     if cfg.pseudo.negatives >= cfg.pseudo.threshold:
         raise ConfigError(f"pseudo.negatives ({cfg.pseudo.negatives}) must be below pseudo.threshold "
                           f"({cfg.pseudo.threshold}): a score cannot make a species both present and absent")
-    if not 0.0 < cfg.pseudo.share <= 1.0:
-        raise ConfigError(f"pseudo.share must be within (0, 1]; got {cfg.pseudo.share}")
+    if not 0.0 < cfg.pseudo.share < 1.0:
+        raise ConfigError(f"pseudo.share must be within (0, 1): a student's batches hold both; got {cfg.pseudo.share}")
     if cfg.folds.n_splits < 2:
         raise ConfigError(f"folds.n_splits must be >= 2; got {cfg.folds.n_splits}")
     if not 0 <= cfg.features.fmin < cfg.features.fmax <= cfg.data.sample_rate / 2:

@@ -14,6 +14,7 @@ import sys
 from rfcx_mlops import cli
 from rfcx_mlops.config import check_files, check_fold, load, with_overrides
 from rfcx_mlops.errors import ConfigError
+from rfcx_mlops.infer import detect
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,6 +48,10 @@ def run(args: argparse.Namespace) -> int:
         check_fold(cfg, args.fold)
     except ConfigError as exc:
         raise ConfigError(f"--fold {args.fold}: {exc}") from None
+    if cfg.train.batch_size < 2:
+        raise ConfigError(f"self-training needs train.batch_size >= 2 (a batch holds both the rows' windows and "
+                          f"pseudo-labelled ones); got {cfg.train.batch_size}")
+    detect.thresholds(cfg.pseudo, cfg.data.n_classes)  # every line of pseudo.thresholds_file, before any training
     jobs = cli.import_quietly("rfcx_mlops.jobs.selftrain", args.verbose)
     run_id, rounds = jobs.selftrain(cfg, args.fold, teacher=args.teacher or None)
     _summary(run_id, rounds, cfg.train.monitor)

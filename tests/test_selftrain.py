@@ -116,7 +116,7 @@ def test_each_batch_shares_the_rows_and_the_pseudo_labels(data):
                           "species_id": 3, "score": 0.9, "target": 1.0})
     samples = make_samples(d.tp, d.recordings, 2.0, N) + pseudo.samples(table, d.tp, fp, 2.0, N)
     originals = int((~samples.pseudo).sum())
-    for share, own in ((0.5, 4), (0.25, 2), (1.0, 7)):
+    for share, own in ((0.5, 4), (0.25, 2), (0.99, 7)):  # at least one window of each kind
         cfg = config.load(None, {**TINY, "pseudo.share": share})
         batches = SpectrogramBatches(samples, d.recordings, cfg, training=True)
         assert len(batches) == int(np.ceil(originals / 8))  # a student's epoch costs what its teacher's did
@@ -148,7 +148,8 @@ def test_agreement_is_the_jaccard_index_of_present_labels():
     ({"pseudo.mode": "fuzzy"}, "pseudo.mode must be one of hard, soft"),
     ({"pseudo.threshold": "1.5"}, "pseudo.threshold must be within [0, 1]"),
     ({"pseudo.negatives": "0.9"}, "pseudo.negatives (0.9) must be below pseudo.threshold"),
-    ({"pseudo.share": "0"}, "pseudo.share must be within (0, 1]"),
+    ({"pseudo.share": "0"}, "pseudo.share must be within (0, 1)"),
+    ({"pseudo.share": "1"}, "pseudo.share must be within (0, 1)"),
     ({"pseudo.rounds": "0"}, "pseudo.rounds must be > 0"),
     ({"pseudo.patience": "0"}, "pseudo.patience must be > 0"),
     ({"pseudo.hop_seconds": "-1"}, "pseudo.hop_seconds must be >= 0"),
@@ -176,8 +177,11 @@ def run_cli(capsys, *argv):
 
 
 def test_command_line_errors_are_one_line(tracking, capsys, tmp_path):
+    """Each before any data is read or model trained (no demo data is built in the working folder)."""
     with mlflow.start_run() as plain:
         pass
+    bad = tmp_path / "bad.csv"
+    bad.write_text("species_id,threshold\n30,0.5\n")
     for argv, says in [
         (["--teacher", "0" * 32, "--config", str(TESTS / "tiny.yaml")], "--teacher 000"),
         (["--resume", plain.info.run_id], "not a self-training run"),
@@ -185,9 +189,13 @@ def test_command_line_errors_are_one_line(tracking, capsys, tmp_path):
         (["--resume", plain.info.run_id, "--set", "pseudo.mode=soft"], "drop pseudo.mode"),
         (["--fold", "5", "--config", str(TESTS / "tiny.yaml")], "--fold 5"),
         (["--rounds", "x", "--config", str(TESTS / "tiny.yaml")], "--rounds x: pseudo.rounds must be an integer"),
+        (["--config", str(TESTS / "tiny.yaml"), "--batch-size", "1"], "needs train.batch_size >= 2"),
+        (["--config", str(TESTS / "tiny.yaml"), "--set", f"pseudo.thresholds_file={bad}"],
+         "bad.csv line 2: species_id must be a new id"),
     ]:
         code, out, err = run_cli(capsys, *argv)
         assert code == 2 and err.startswith("error: ") and says in err and err.count("\n") == 1, (argv, err)
+    assert not (tmp_path / "data").exists()
 
 
 def test_a_cross_validation_teacher_labels_out_of_fold(cv_run, tiny_data, monkeypatch, tmp_path):
@@ -212,6 +220,12 @@ def test_a_cross_validation_teacher_labels_out_of_fold(cv_run, tiny_data, monkey
         assert mine and mine <= validated
     single = cv_run.folds[0]
     assert set(selftrain.labellers(single, fold_of, recordings).values()) == {single.info.run_id}
+    # A fold run teaches only its own fold's students: the other fold's validation recordings were its training.
+    selftrain._check_teacher(cfg, 1, single.info.run_id)
+    with pytest.raises(ConfigError, match="validated on fold 1, not on fold 2"):
+        selftrain._check_teacher(cfg, 2, single.info.run_id)
+    # Round 0 of a cross-validation teacher is scored as its run of the students' fold, as they are.
+    assert selftrain._fold_run(client.get_run(cv_run.parent.info.run_id), 2).info.run_id == cv_run.folds[1].info.run_id
 
 
 def test_rounds_their_lineage_and_a_resumed_self_training(tracking, tiny_data, capsys, tmp_path):
@@ -219,8 +233,10 @@ def test_rounds_their_lineage_and_a_resumed_self_training(tracking, tiny_data, c
     with its teacher's run and model and given its pseudo-labels as a dataset input, the parent's per-round
     figures right (pseudo-label precision recomputed here against train_calls.csv)."""
     tiny = str(TESTS / "tiny.yaml")
-    common = ["--config", tiny, "--data-dir", str(tiny_data), "--epochs", "1", "--set", "pseudo.threshold=0.06",
-              "--set", "pseudo.patience=2"]
+    thresholds = tmp_path / "thresholds.csv"  # pseudo-labels whatever one epoch taught: species 3 everywhere
+    thresholds.write_text("species_id,threshold\n3,0.0\n")
+    common = ["--config", tiny, "--data-dir", str(tiny_data), "--epochs", "1", "--set", "pseudo.threshold=1.0",
+              "--set", f"pseudo.thresholds_file={thresholds}", "--set", "pseudo.patience=2"]
     code, out, err = run_cli(capsys, *common, "--rounds", "1")
     assert code == 0, err
     client = MlflowClient()
@@ -284,3 +300,31 @@ def test_an_interrupted_round_goes_on_from_its_checkpoint(tracking, tmp_path):
         mlflow.MlflowClient().set_terminated(later.info.run_id, "KILLED")
         assert selftrain._unfinished(parent.info.run_id, 1) == later.info.run_id
         assert selftrain._unfinished(parent.info.run_id, 2) is None
+
+
+def test_rounds_stop_when_the_monitored_metric_stalls():
+    from rfcx_mlops.jobs.selftrain import Round, _stalled
+
+    rounds = [Round(k, str(k), best) for k, best in enumerate([0.80, 0.85, 0.84, 0.83])]
+    assert not _stalled(rounds[:2], patience=1)
+    assert _stalled(rounds[:3], patience=1) and not _stalled(rounds[:3], patience=2)
+    assert _stalled(rounds, patience=2)
+
+
+def test_pseudo_label_precision_and_recall_against_every_call(tmp_path):
+    """Recall counts every unlabelled call of the labelled recordings, also in one where the teacher found
+    nothing; a call the rows label is not counted."""
+    from rfcx_mlops.data.folder import Dataset
+    from rfcx_mlops.jobs.selftrain import quality
+
+    tp = pd.DataFrame([("a", 1, 1, 1.0, 500.0, 2.0, 4000.0)], columns=folder.COLUMNS)
+    pd.DataFrame({"recording_id": ["a", "a", "a", "b", "b"], "species_id": [1, 2, 3, 2, 4],
+                  "t_min": [1.0, 5.0, 9.0, 1.0, 6.0], "t_max": [2.0, 6.0, 10.0, 2.0, 7.0],
+                  "f_min": 500.0, "f_max": 4000.0}).to_csv(tmp_path / "train_calls.csv", index=False)
+    data = Dataset(tmp_path, tp, pd.DataFrame(columns=folder.COLUMNS), {}, {})
+    labels = pd.DataFrame({"recording_id": ["a", "a", "a"], "start": [4.0, 8.0, 0.0], "species_id": [2, 2, 5],
+                           "score": [0.96, 0.85, 0.9], "target": 1.0})
+    table = quality(labels, ["a", "b"], data, 2.0, N).set_index("species_id")
+    # right: (a, 4-6 s, 2); wrong: (a, 8-10 s, 2) and (a, 0-2 s, 5).  Calls: a/2, a/3, b/2, b/4 (a/1 is labelled).
+    assert table.loc["all", "precision"] == pytest.approx(1 / 3) and table.loc["all", "recall"] == pytest.approx(1 / 4)
+    assert table.loc["score 0.95-1", "precision"] == 1.0 and table.loc["score 0.8-0.9", "precision"] == 0.0

@@ -230,7 +230,7 @@ def _log_pseudo_labels(student: Student, scratch: Path) -> None:
     """The student's pseudo-label table, as an artifact and as its dataset input (context ``pseudo-labels``,
     source: the teacher's model), so the runs list shows which labels made which model."""
     path = scratch / PSEUDO_LABELS_FILE
-    student.labels.to_csv(path, index=False, float_format="%.6g")
+    student.labels.to_csv(path, index=False)  # full precision: a resumed round reads back the same windows
     mlflow.log_artifact(str(path))
     source = CodeDatasetSource({"teacher_run_id": student.teacher_run_id, "teacher_model": student.teacher_model})
     with warnings.catch_warnings():  # a hint that integer columns cannot hold missing values: these never do

@@ -33,11 +33,11 @@ from mlflow.tracking import MlflowClient
 from tqdm import tqdm
 
 from rfcx_mlops.config import Config, flatten
-from rfcx_mlops.data import audio, folds
+from rfcx_mlops.data import audio, folder, folds
 from rfcx_mlops.data.folder import Dataset
 from rfcx_mlops.errors import ConfigError
 from rfcx_mlops.infer import detect
-from rfcx_mlops.infer.scorer import ModelError, Scorer, download_weights, load_run
+from rfcx_mlops.infer.scorer import ModelError, download_weights, load_run
 from rfcx_mlops.jobs import fit
 from rfcx_mlops.jobs import predict as predicting
 from rfcx_mlops.learn import pseudo
@@ -48,7 +48,7 @@ log = logging.getLogger("rfcx_mlops.selftrain")
 ROUND_TAG = "selftrain_round"
 CALLS_FILE = "train_calls.csv"  # the demo data's every call of the training recordings
 QUALITY_FILE = "pseudo_quality.csv"
-BANDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, np.nextafter(1.0, 2.0))  # teacher score bands of the precision table
+BANDS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)  # teacher score bands of the precision table
 # The teacher's settings a student must share: the same windows, folds and species.
 SHARED_KEYS = ("seed", "folds.n_splits", "data.crop_seconds", "data.n_classes", "data.sample_rate", "train.monitor")
 
@@ -66,8 +66,10 @@ def selftrain(cfg: Config, fold: int, *, teacher: str | None = None, resume: str
     self-training run ``resume``: its run id and its rounds."""
     runs.use_default_experiment()
     if teacher:
-        _check_teacher(cfg, teacher)
+        _check_teacher(cfg, fold, teacher)
     data = fit.prepare(cfg)
+    if teacher:
+        _check_teacher_data(teacher, data)
     with runs.tracked_run(run_id=resume, run_name=None if resume else f"{cfg.name}-selftrain") as parent, \
             tempfile.TemporaryDirectory(prefix="rfcx-selftrain-") as tmp:
         parent_id = parent.info.run_id
@@ -77,7 +79,7 @@ def selftrain(cfg: Config, fold: int, *, teacher: str | None = None, resume: str
             runs.log_config(cfg)
             mlflow.set_tags(runs.tags(cfg, selftrain="true", fold=fold, **runs.data_tags(data.data_dir, data.demo),
                                       **({"teacher_run_id": teacher} if teacher else {})))
-        done = _finished_rounds(parent_id, cfg, teacher)
+        done = _finished_rounds(parent_id, cfg, fold, teacher)
         if not done:
             done.append(_teacher(cfg, fold, data, parent_id))
         recorded = {m.step for m in MlflowClient().get_metric_history(parent_id, f"best_{cfg.train.monitor}")}
@@ -85,15 +87,20 @@ def selftrain(cfg: Config, fold: int, *, teacher: str | None = None, resume: str
             if r.number in recorded:
                 say(f"round {r.number} (run {r.run_id}): finished before")
             else:
-                _record(cfg, data, parent_id, done[: k + 1], say)
+                _record(cfg, fold, data, parent_id, done[: k + 1], say)
         while len(done) <= cfg.pseudo.rounds and not _stalled(done, cfg.pseudo.patience):
-            done.append(_student(cfg, fold, data, parent_id, done[-1], Path(tmp)))
-            _record(cfg, data, parent_id, done, say)
+            student = _student(cfg, fold, data, parent_id, done[-1], Path(tmp))
+            if student is None:
+                say(f"stopped after round {done[-1].number}: it labels no call at the pseudo-label threshold")
+                break
+            done.append(student)
+            _record(cfg, fold, data, parent_id, done, say)
+        else:
+            if len(done) <= cfg.pseudo.rounds:
+                say(f"stopped after round {done[-1].number}: {cfg.train.monitor} has not improved for "
+                    f"{cfg.pseudo.patience} round(s)")
         best = max(done, key=lambda r: r.best)
         mlflow.set_tags({"best_round": best.number, "best_run_id": best.run_id})
-        if len(done) <= cfg.pseudo.rounds:
-            say(f"stopped after round {done[-1].number}: {cfg.train.monitor} has not improved for "
-                f"{cfg.pseudo.patience} round(s)")
     return parent_id, done
 
 
@@ -110,8 +117,10 @@ def resumable(run_id: str) -> tuple[Config, int]:
     return runs.logged_config(run), int(run.data.tags["fold"])
 
 
-def _check_teacher(cfg: Config, run_id: str) -> None:
-    """A finished run with a model, trained with the windows, folds and species the students use."""
+def _check_teacher(cfg: Config, fold: int, run_id: str) -> None:
+    """A finished run, trained with the windows, folds and species the students use: a cross-validation run, or
+    a run of the students' fold (one of another fold trained on their validation recordings); with
+    ``pseudo.from_teacher``, of their model too."""
     try:
         run = MlflowClient().get_run(run_id)
         teacher_cfg = runs.logged_config(run)
@@ -119,10 +128,36 @@ def _check_teacher(cfg: Config, run_id: str) -> None:
         raise ConfigError(f"--teacher {run_id}: no training run with that id in {mlflow.get_tracking_uri()}") from None
     if run.info.status != "FINISHED":
         raise ConfigError(f"--teacher {run_id}: the run is {run.info.status}; a teacher must have finished")
+    if run.data.tags.get("cv") != "true" and run.data.tags.get("fold") != str(fold):
+        raise ConfigError(f"--teacher {run_id} validated on fold {run.data.tags.get('fold')}, not on fold {fold}: "
+                          f"it trained on the students' validation recordings")
     ours, theirs = flatten(cfg), flatten(teacher_cfg)
-    differ = [f"{k} {theirs[k]} (here {ours[k]})" for k in SHARED_KEYS if ours[k] != theirs[k]]
+    keys = [*SHARED_KEYS, *(k for k in ours if k.startswith(("model.", "features.")) and cfg.pseudo.from_teacher)]
+    differ = [f"{k} {theirs[k]} (here {ours[k]})" for k in keys if ours[k] != theirs[k]]
     if differ:
-        raise ConfigError(f"--teacher {run_id} was trained with other windows or folds: {', '.join(differ)}")
+        raise ConfigError(f"--teacher {run_id} was trained with other settings: {', '.join(differ)}")
+    if f"best_{cfg.train.monitor}" not in _fold_run(run, fold).data.metrics:
+        raise ConfigError(f"--teacher {run_id} has no best_{cfg.train.monitor}: not a finished training run")
+
+
+def _check_teacher_data(run_id: str, data: Dataset) -> None:
+    """The teacher trained on this data set: its folds are the students' folds."""
+    logged = MlflowClient().get_run(run_id).data.tags.get("dataset_fingerprint")
+    if logged != folder.fingerprint(data.data_dir):
+        raise ConfigError(f"--teacher {run_id} was trained on another data set than {data.data_dir} "
+                          f"(its dataset_fingerprint {logged})")
+
+
+def _fold_run(run: Run, fold: int) -> Run:
+    """A cross-validation run's run of ``fold`` (the model that never trained on the students' validation
+    recordings), or ``run`` itself."""
+    if run.data.tags.get("cv") != "true":
+        return run
+    found = [r for r in _children(run.info.run_id) if r.data.tags.get("fold") == str(fold)
+             and r.info.status == "FINISHED"]
+    if not found:
+        raise ModelError(f"teacher {run.info.run_id}: no finished run of fold {fold}")
+    return found[0]
 
 
 def _children(parent_id: str) -> list[Run]:
@@ -131,13 +166,14 @@ def _children(parent_id: str) -> list[Run]:
                                       order_by=["attributes.start_time ASC"])
 
 
-def _finished_rounds(parent_id: str, cfg: Config, teacher: str | None) -> list[Round]:
-    """The rounds a resumed self-training has finished, in order (the given teacher as round 0)."""
+def _finished_rounds(parent_id: str, cfg: Config, fold: int, teacher: str | None) -> list[Round]:
+    """The rounds a resumed self-training has finished, in order (the given teacher as round 0, scored as its run
+    of ``fold``, like the students)."""
     monitor = f"best_{cfg.train.monitor}"
     found = {int(r.data.tags[ROUND_TAG]): Round(int(r.data.tags[ROUND_TAG]), r.info.run_id, r.data.metrics[monitor])
              for r in _children(parent_id) if ROUND_TAG in r.data.tags and r.info.status == "FINISHED"}
     if teacher:
-        found[0] = Round(0, teacher, MlflowClient().get_run(teacher).data.metrics[monitor])
+        found[0] = Round(0, teacher, _fold_run(MlflowClient().get_run(teacher), fold).data.metrics[monitor])
     done = []
     while len(done) in found:
         done.append(found[len(done)])
@@ -164,25 +200,28 @@ def _teacher(cfg: Config, fold: int, data: Dataset, parent_id: str) -> Round:
     return Round(0, result.run_id, result.best_value)
 
 
-def _student(cfg: Config, fold: int, data: Dataset, parent_id: str, teacher: Round, scratch: Path) -> Round:
-    """Round ``teacher.number + 1``: labelled by ``teacher``, trained on the fold's windows and those."""
+def _student(cfg: Config, fold: int, data: Dataset, parent_id: str, teacher: Round, scratch: Path) -> Round | None:
+    """Round ``teacher.number + 1``: labelled by ``teacher``, trained on the fold's windows and those; None where
+    the teacher labels nothing."""
     number = teacher.number + 1
     resume = _unfinished(parent_id, number)
     labels = (_logged_labels(resume, scratch) if resume else
               label(cfg, data, fold, teacher.run_id, scratch / f"teacher{teacher.number}"))
     if not (labels["target"] > 0).any():
-        raise ModelError(f"round {number}: teacher {teacher.run_id} labels no call at pseudo.threshold "
-                         f"{cfg.pseudo.threshold:g}{' (or pseudo.thresholds_file)' if cfg.pseudo.thresholds_file else ''}; "
-                         "a lower threshold labels more")
+        return None
     teacher_run = MlflowClient().get_run(teacher.run_id)
-    model_uri = teacher_run.data.tags.get("model_uri", "")
-    init = (download_weights(model_uri, scratch / f"init{number}") if cfg.pseudo.from_teacher and model_uri
-            else None)
+    # A cross-validation teacher labels with every fold's model; a student starts from its fold's.
+    model_uri = _fold_run(teacher_run, fold).data.tags.get("model_uri", "")
+    init = (download_weights(model_uri, scratch / f"init{number}")
+            if cfg.pseudo.from_teacher and model_uri and not resume else None)
     student = fit.Student(pseudo.samples(labels, data.tp, data.fp, cfg.data.crop_seconds, cfg.data.n_classes),
                           labels, teacher.run_id, model_uri, init)
+    out_of_fold = teacher_run.data.tags.get("cv") == "true"
+    labelled_by = [r.data.tags.get("model_uri", "") for r in _children(teacher.run_id)
+                   if r.info.status == "FINISHED"] if out_of_fold else [model_uri]
     tags = {ROUND_TAG: str(number), "teacher_run_id": teacher.run_id,
-            "teacher_model_id": model_uri.removeprefix("models:/"),
-            "pseudo_out_of_fold": str(teacher_run.data.tags.get("cv") == "true").lower()}
+            "teacher_model_id": ",".join(m.removeprefix("models:/") for m in labelled_by),
+            "pseudo_out_of_fold": str(out_of_fold).lower()}
     result = fit.train_fold(cfg, fold, data=data, parent_run_id=parent_id, resume=resume, student=student,
                             run_name=f"{cfg.name}-round{number}", tags=tags)
     return Round(number, result.run_id, result.best_value)
@@ -217,12 +256,16 @@ def labellers(teacher: Run, fold_of: dict[str, int], recordings: list[str]) -> d
     return {rid: by_fold[fold_of[rid]] for rid in recordings}
 
 
-def label(cfg: Config, data: Dataset, fold: int, teacher_id: str, scratch: Path) -> pd.DataFrame:
-    """The pseudo-label table (``learn.pseudo.table``) of the fold's training recordings by the teacher."""
+def _training_recordings(cfg: Config, data: Dataset, fold: int) -> tuple[list[str], dict[str, int]]:
+    """The recordings the students of ``fold`` train on, and every recording's fold."""
     assigned = folds.assign_folds(data.tp, cfg.folds.n_splits, cfg.seed)
     train_events, _ = folds.by_fold(data.tp, assigned, fold)
-    recordings = sorted(train_events["recording_id"].unique())
-    fold_of = dict(zip(data.tp["recording_id"], assigned.astype(int)))
+    return sorted(train_events["recording_id"].unique()), dict(zip(data.tp["recording_id"], assigned.astype(int)))
+
+
+def label(cfg: Config, data: Dataset, fold: int, teacher_id: str, scratch: Path) -> pd.DataFrame:
+    """The pseudo-label table (``learn.pseudo.table``) of the fold's training recordings by the teacher."""
+    recordings, fold_of = _training_recordings(cfg, data, fold)
     plan = labellers(MlflowClient().get_run(teacher_id), fold_of, recordings)
     thresholds = detect.thresholds(cfg.pseudo, cfg.data.n_classes)
     tables = []
@@ -240,30 +283,34 @@ def label(cfg: Config, data: Dataset, fold: int, teacher_id: str, scratch: Path)
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=pseudo.COLUMNS)
 
 
-def quality(labels: pd.DataFrame, data: Dataset, crop_seconds: float, n_classes: int) -> pd.DataFrame | None:
+def quality(labels: pd.DataFrame, recordings: list[str], data: Dataset, crop_seconds: float,
+            n_classes: int) -> pd.DataFrame | None:
     """The pseudo-labels against every call of the labelled recordings (the demo data's train_calls.csv), None
     without it: per species and overall ("all"), precision (a present label right where a call of its species
-    overlaps the window) and recall (of the calls no train_tp row labels, those a present label overlaps); then
-    the precision per band of the teacher's score.  Columns as ``detect.event_scores``', a label for a detection."""
+    overlaps the window) and recall (of the calls no train_tp row labels in the labelled ``recordings``, those a
+    present label overlaps); then the precision per band of the teacher's score.  Columns as
+    ``detect.event_scores``', a label for a detection."""
     path = Path(data.data_dir) / CALLS_FILE
     if not path.is_file():
         return None
     calls = pd.read_csv(path, dtype={"recording_id": str})
-    calls = calls[calls["recording_id"].isin(set(labels["recording_id"]))].reset_index(drop=True)
+    calls = calls[calls["recording_id"].isin(set(recordings))].reset_index(drop=True)
     labelled = data.tp.rename(columns={"t_min": "t_start", "t_max": "t_end"})
     calls = calls[~detect.match(labelled, calls)[1]]
     present = labels[labels["target"] > 0]
     found = present.assign(t_start=present["start"], t_end=present["start"] + crop_seconds)
     scores = detect.event_scores(found, calls, n_classes)
     right, _ = detect.match(found.reset_index(drop=True), calls.reset_index(drop=True))
-    band = pd.cut(present["score"], BANDS, right=False)
+    names = [f"score {lo:g}-{hi:g}" for lo, hi in zip(BANDS[:-1], BANDS[1:])]
+    band = pd.cut(present["score"], [*BANDS[:-1], np.inf], right=False, labels=names)
     by_band = pd.Series(right, index=present.index).groupby(band, observed=False).agg(["size", "mean"])
-    bands = pd.DataFrame({"species_id": [f"score {b}" for b in by_band.index], "detections": by_band["size"],
-                          "precision": by_band["mean"]})
+    bands = pd.DataFrame({"species_id": names, "detections": by_band["size"].to_numpy(),
+                          "precision": by_band["mean"].to_numpy()})
     return pd.concat([scores, bands], ignore_index=True)
 
 
-def _record(cfg: Config, data: Dataset, parent_id: str, done: list[Round], say: Callable[[str], None]) -> None:
+def _record(cfg: Config, fold: int, data: Dataset, parent_id: str, done: list[Round],
+            say: Callable[[str], None]) -> None:
     """The last round's figures on the parent run (step = round), its test scores and pseudo-label quality on its
     own run."""
     client = MlflowClient()
@@ -278,7 +325,8 @@ def _record(cfg: Config, data: Dataset, parent_id: str, done: list[Round], say: 
         line += f"; {len(present)} pseudo-labels in {metrics['pseudo_recordings']} recordings"
         if previous is not None:
             metrics["pseudo_agreement"] = pseudo.agreement(labels, previous)
-        table = quality(labels, data, cfg.data.crop_seconds, cfg.data.n_classes)
+        table = quality(labels, _training_recordings(cfg, data, fold)[0], data, cfg.data.crop_seconds,
+                        cfg.data.n_classes)
         if table is not None:
             overall = table.set_index("species_id").loc["all"]
             metrics |= {"pseudo_precision": float(overall["precision"]), "pseudo_recall": float(overall["recall"])}

@@ -22,7 +22,7 @@ import optuna
 import sqlalchemy
 from sqlalchemy.pool import NullPool
 
-from rfcx_mlops.config import Config, flatten, read_yaml, with_overrides
+from rfcx_mlops.config import Config, allowed_values, flatten, read_yaml, with_overrides
 from rfcx_mlops.errors import ConfigError
 
 SCHEMES = ("sqlite", "postgresql")
@@ -100,23 +100,30 @@ class SearchSpace:
         return drawn
 
     def check(self, cfg: Config) -> None:
-        """Every extreme draw makes a valid config over ``cfg``: each choice and each range's low and high, with
-        every combination of choices that lets the key be drawn.  A ``ConfigError`` names the first that does not."""
+        """Every extreme draw makes a valid config over ``cfg``: every combination of choices the space can draw,
+        and with each, every range it draws at its low and its high.  A ``ConfigError`` names the first that
+        does not."""
         combinations: list[dict[str, Value]] = [{}]
         for r in self.ranges:
-            grown = []
-            for drawn in combinations:
-                if not r.drawn_after(drawn):
-                    grown.append(drawn)
-                    continue
-                for value in r.choices if isinstance(r, Choice) else r.bounds():
-                    try:
-                        with_overrides(cfg, {**drawn, r.key: value})
-                    except ConfigError as exc:
-                        context = "".join(f" with {k}: {v}" for k, v in drawn.items())
-                        raise ConfigError(f"{r.key}: {value!r}{context} makes an invalid config ({exc})") from None
-                grown += [{**drawn, r.key: v} for v in r.choices] if isinstance(r, Choice) else [drawn]
-            combinations = grown
+            if isinstance(r, Choice):
+                combinations = [{**drawn, r.key: _checked(cfg, drawn, r.key, v)} for drawn in combinations
+                                for v in (r.choices if r.drawn_after(drawn) else ())] + \
+                               [drawn for drawn in combinations if not r.drawn_after(drawn)]
+        for drawn in combinations:
+            for r in self.ranges:
+                if isinstance(r, Range) and r.drawn_after(drawn):
+                    for value in r.bounds():
+                        _checked(cfg, drawn, r.key, value)
+
+
+def _checked(cfg: Config, drawn: Mapping[str, Value], key: str, value: Value) -> Value:
+    """``value`` for ``key``, where it makes a valid config over ``cfg`` with the values ``drawn`` before it."""
+    try:
+        with_overrides(cfg, {**drawn, key: value})
+    except ConfigError as exc:
+        context = "".join(f" with {k}: {v}" for k, v in drawn.items())
+        raise ConfigError(f"{key}: {value!r}{context} makes an invalid config ({exc})") from None
+    return value
 
 
 def shown(value) -> str:
@@ -138,9 +145,6 @@ def load_space(path: str | Path) -> SearchSpace:
         for key, spec in space.items():
             ranges.append(_choice(key, spec, ranges) if isinstance(spec, dict) and "choices" in spec
                           else _range(key, spec, ranges))
-        # A choice no config takes (a typo, a combination the config refuses) is named here, with its file;
-        # the ranges' bounds depend on the preset, so they are checked when tuning starts.
-        SearchSpace(tuple(r for r in ranges if isinstance(r, Choice))).check(Config())
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
@@ -205,6 +209,11 @@ def _choice(key: str, spec: dict, before: list[Range | Choice]) -> Choice:
         raise ConfigError(f"{key}: choices must be of type {kind.__name__}, as the config key; got {wrong[0]!r}")
     if len(set(choices)) < len(choices):
         raise ConfigError(f"{key}: choices must be distinct; got {spec['choices']!r}")
+    # A value no config takes (a typo) is named here, with its file; combinations that the config refuses depend
+    # on the preset, and are checked when tuning starts (``SearchSpace.check``).
+    unknown = [c for c in choices if c not in (allowed_values(key) or choices)]
+    if unknown:
+        raise ConfigError(f"{key}: {unknown[0]!r} is not one of {', '.join(allowed_values(key))}")
     return Choice(key, tuple(choices), when=_when(key, spec.get("when"), before))
 
 
