@@ -321,8 +321,9 @@ def _fold_batches(cfg: Config, fold: int, data: Dataset, pseudo: Samples | None 
                            make_batches(train_samples, data.recordings, cfg, training=True, workers=workers),
                            make_batches(val_samples, data.recordings, cfg, training=False, workers=workers))
     _warn_without_gpu(cfg, batches.train.samples_per_epoch)
-    log.info("fold %d: %d training windows (%d pseudo-labelled) and %d validation windows, %d steps an epoch",
-             fold, len(train_samples), train_samples.pseudo.sum(), len(val_samples), len(batches.train))
+    pseudo_labelled = f" ({train_samples.pseudo.sum()} pseudo-labelled)" if pseudo is not None else ""
+    log.info("fold %d: %d training windows%s and %d validation windows, %d steps an epoch",
+             fold, len(train_samples), pseudo_labelled, len(val_samples), len(batches.train))
     return batches
 
 
