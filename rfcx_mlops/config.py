@@ -144,6 +144,9 @@ class PseudoConfig:
     threshold: float = 0.8  # a window's species is pseudo-labelled present from this teacher score ...
     thresholds_file: str = ""  # ... or what this CSV (species_id,threshold) says, as detect.thresholds_file
     negatives: float = 0.0  # below this score, known absent (used by model.loss: masked); 0: positives only
+    # at most this many pseudo-labels of a species per labelled call of it (a train_tp row of the labelled
+    # recordings), the most confident first; 0: no cap
+    per_call: float = 0.0
     hop_seconds: float = 0.0  # between the teacher's windows on a training recording; 0: half a crop
     share: float = 0.5  # of each training batch, the share of windows on the original train_tp/train_fp rows
     from_teacher: bool = False  # a student starts from its teacher's weights instead of from scratch
@@ -196,7 +199,7 @@ _NON_NEGATIVE = (
     "augment.max_semitones", "augment.max_shift_seconds", "augment.max_volume_db", "augment.time_masks",
     "augment.freq_masks", "train.warmup_epochs", "train.workers", "train.steps_per_epoch", "train.fp_windows",
     "train.random_windows", "train.recording_eval_every", "train.recording_hop_seconds",
-    "detect.min_gap_seconds", "model.step_loss_weight", "pseudo.hop_seconds",
+    "detect.min_gap_seconds", "model.step_loss_weight", "pseudo.hop_seconds", "pseudo.per_call",
 )
 
 

@@ -153,6 +153,7 @@ def test_agreement_is_the_jaccard_index_of_present_labels():
     ({"pseudo.rounds": "0"}, "pseudo.rounds must be > 0"),
     ({"pseudo.patience": "0"}, "pseudo.patience must be > 0"),
     ({"pseudo.hop_seconds": "-1"}, "pseudo.hop_seconds must be >= 0"),
+    ({"pseudo.per_call": "-1"}, "pseudo.per_call must be >= 0"),
     ({"pseudo.from_teacher": "maybe"}, "pseudo.from_teacher must be true or false"),
 ])
 def test_bad_options_are_refused_in_one_line(override, says):
@@ -328,3 +329,13 @@ def test_pseudo_label_precision_and_recall_against_every_call(tmp_path):
     # right: (a, 4-6 s, 2); wrong: (a, 8-10 s, 2) and (a, 0-2 s, 5).  Calls: a/2, a/3, b/2, b/4 (a/1 is labelled).
     assert table.loc["all", "precision"] == pytest.approx(1 / 3) and table.loc["all", "recall"] == pytest.approx(1 / 4)
     assert table.loc["score 0.95-1", "precision"] == 1.0 and table.loc["score 0.8-0.9", "precision"] == 0.0
+
+
+def test_each_species_keeps_its_most_confident_labels_in_proportion_to_its_calls():
+    labels = pd.DataFrame({"recording_id": ["r"] * 6, "start": [0.0, 0.0, 2.5, 5.0, 7.5, 7.5],
+                           "species_id": [1, 2, 1, 1, 1, 3], "score": [0.9, 0.05, 0.99, 0.95, 0.97, 0.02],
+                           "target": [1.0, 0.0, 1.0, 1.0, 1.0, 0.0]})
+    kept = pseudo.balanced(labels, pd.Series({1: 1}), per_call=2.0)  # species 1: one labelled call, two labels
+    assert list(zip(kept["start"], kept["species_id"])) == [(2.5, 1), (7.5, 1), (7.5, 3)]  # 0 s and 5 s lost it
+    pd.testing.assert_frame_equal(pseudo.balanced(labels, pd.Series({1: 1}), per_call=0.0), labels)
+    assert pseudo.balanced(labels, pd.Series(dtype=int), per_call=2.0).empty  # a species nobody labelled: none

@@ -280,7 +280,9 @@ def label(cfg: Config, data: Dataset, fold: int, teacher_id: str, scratch: Path)
             ids = np.full(len(starts), rid)
             known = window_labels(ids, starts, data.tp, data.fp, cfg.data.crop_seconds, cfg.data.n_classes).known
             tables.append(pseudo.table(ids, starts, scores, thresholds, known, cfg.pseudo))
-    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=pseudo.COLUMNS)
+    labels = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=pseudo.COLUMNS)
+    labelled = data.tp[data.tp["recording_id"].isin(set(recordings))].groupby("species_id").size()
+    return pseudo.balanced(labels, labelled, cfg.pseudo.per_call)
 
 
 def quality(labels: pd.DataFrame, recordings: list[str], data: Dataset, crop_seconds: float,

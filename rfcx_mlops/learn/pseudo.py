@@ -5,7 +5,9 @@ all along it; where a species scores at least its threshold the window is labell
 score itself with ``pseudo.mode: soft``), and below ``pseudo.negatives`` known absent.  What the rows
 say wins: a species with a train_tp call in the window stays 1 and one with a train_fp row stays 0,
 whatever the teacher says, so only what nobody labelled is pseudo-labelled.  A window enters the
-student's training only where the teacher adds a present species (positives only).
+student's training only where the teacher adds a present species (positives only).  ``balanced``
+caps each species' labels in proportion to its labelled calls: a teacher that never heard a window
+without a call names some species in every one, most often those that sound like the background.
 """
 
 from __future__ import annotations
@@ -33,6 +35,20 @@ def table(ids: np.ndarray, starts: np.ndarray, scores: np.ndarray, thresholds: n
         "recording_id": np.asarray(ids, dtype=str)[window], "start": np.asarray(starts, dtype=float)[window],
         "species_id": species, "score": score, "target": score * hard if cfg.mode == "soft" else hard,
     }, columns=COLUMNS)
+
+
+def balanced(labels: pd.DataFrame, labelled: pd.Series, per_call: float) -> pd.DataFrame:
+    """At most ``per_call`` present labels of each species per labelled call of it (``labelled``: species ->
+    train_tp rows), the teacher's most confident first; absent labels stay, and a window left without a present
+    label goes.  ``per_call`` 0: ``labels`` as they are."""
+    if not per_call:
+        return labels
+    present = labels[labels["target"] > 0]
+    rank = present.groupby("species_id")["score"].rank(ascending=False, method="first")
+    cap = present["species_id"].map(labelled).fillna(0) * per_call
+    kept = labels.drop(present.index[rank > cap])
+    windows = kept[kept["target"] > 0].set_index(["recording_id", "start"]).index
+    return kept[kept.set_index(["recording_id", "start"]).index.isin(windows)].reset_index(drop=True)
 
 
 def samples(labels: pd.DataFrame, events: pd.DataFrame, absences: pd.DataFrame, crop_seconds: float,
