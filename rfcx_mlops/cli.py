@@ -114,6 +114,10 @@ def seconds(text: str) -> float:
     return _number(text, lambda v: v >= 0, "seconds >= 0")
 
 
+def non_negative(text: str) -> float:
+    return _number(text, lambda v: v >= 0, "a number >= 0")
+
+
 def probability(text: str) -> float:
     return _number(text, lambda v: 0 <= v <= 1, "a number within [0, 1]")
 

@@ -16,7 +16,10 @@ from rfcx_mlops.errors import UserError
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = cli.Parser(prog="python -m rfcx_mlops.predict",
                    description="Score recordings with a trained run; write a submission CSV.")
-    p.add_argument("--run-id", required=True, help="a training run, or a cross-validation run (its folds averaged)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run-id", help="a training run, or a cross-validation run (its folds averaged)")
+    which.add_argument("--model", metavar="URI",
+                       help="a registered version: models:/NAME/VERSION or models:/NAME@ALIAS (e.g. models:/rfcx@champion)")
     p.add_argument("--data-dir", default="",
                    help="folder with test/ and sample_submission.csv, or a folder of audio files "
                         "(default: the folder the run trained on)")
@@ -44,9 +47,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check(args: argparse.Namespace) -> None:
-    """What can be refused before the models load."""
+    """What can be refused before the models load; ``--model`` becomes the run that logged its model."""
     from rfcx_mlops.data.folder import recordings_to_score  # pandas: after --help and the flags' own checks
 
+    if args.model:
+        from rfcx_mlops.track.registry import resolve, source_run
+
+        version = resolve(args.model)
+        args.run_id = source_run(version)
+        print(f"{args.model}: {version.name} version {version.version}, the model of run {args.run_id}")
     if args.data_dir:
         recordings_to_score(Path(args.data_dir), n_classes=None)
     if args.thresholds and not Path(args.thresholds).is_file():

@@ -2,8 +2,10 @@
 
 One row per run (folds, cross-validation runs, studies and their trials), oldest first:
 preset, fold, best val_lwlrap (or val_recording_lwlrap, where that picked the epoch), test LWLRAP
-(where predict scored the demo data's test set), best epoch, epochs trained, wall time, and the megabytes of artifacts it keeps (its own and its logged model's).  The same rows go to a CSV for
-spreadsheets and scripts.
+(where predict scored the demo data's test set), best epoch, epochs trained, wall time, and the megabytes of
+artifacts it keeps (its own and its logged model's).  The same rows go to a CSV for spreadsheets and
+scripts.  Then, where the store has a Model Registry, every registered version with its aliases and
+its LWLRAP on each evaluation set.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> int:
     import mlflow
 
+    from rfcx_mlops.track.registry import versions_table
     from rfcx_mlops.track.report import missing_store, render, runs_table
 
     problem = missing_store(mlflow.get_tracking_uri())
@@ -40,6 +43,10 @@ def run(args: argparse.Namespace) -> int:
     print(render(table) if len(table) else f"experiment {args.experiment!r} has no runs")
     table.to_csv(Path(args.out), index=False)
     print(f"\n{len(table)} run{'' if len(table) == 1 else 's'}; written to {args.out}")
+    if "://" in mlflow.get_tracking_uri() and not mlflow.get_tracking_uri().startswith("file:"):
+        versions = versions_table()
+        if len(versions):
+            print(f"\nregistered models (aliases; LWLRAP on each evaluation set):\n{versions.to_string(index=False)}")
     return cli.Exit.OK
 
 

@@ -9,6 +9,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from mlflow.tracking import MlflowClient
 from rfcx_mlops.data import demo, folder
 
 ROOT = Path(__file__).resolve().parents[1]
+POSTGRES = os.environ.get("RFCX_TEST_POSTGRES", "")
+needs_postgres = pytest.mark.skipif(not POSTGRES, reason="RFCX_TEST_POSTGRES is not set (.ci/run starts a server)")
 SHARED_RFCX = ROOT.parent / "shared" / "rfcx"
 COLUMNS = list(folder.COLUMNS)
 
@@ -124,6 +127,21 @@ def cv_run(tiny_data, tmp_path_factory) -> CVRun:
     folds = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
                    key=lambda r: r.data.tags["fold"])
     return CVRun(home, uri, experiment, parent, folds)
+
+
+@pytest.fixture
+def pg_database() -> str:
+    """A fresh database on the PostgreSQL server of RFCX_TEST_POSTGRES, dropped afterwards."""
+    import sqlalchemy
+
+    name = f"test_{uuid.uuid4().hex[:10]}"
+    admin = sqlalchemy.create_engine(POSTGRES, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    yield POSTGRES.rsplit("/", 1)[0] + "/" + name
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f"DROP DATABASE {name} WITH (FORCE)"))
+    admin.dispose()
 
 
 def free_port() -> int:

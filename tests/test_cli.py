@@ -28,7 +28,7 @@ def imported(proc: subprocess.CompletedProcess) -> set[str]:
     return {m.group(1) for m in re.finditer(r"^import time:.*\|\s+(\w+)\s*$", proc.stderr, re.M)}
 
 
-@pytest.mark.parametrize("module", ["train", "tune", "predict", "report", "synth", "dataset"])
+@pytest.mark.parametrize("module", ["train", "tune", "selftrain", "predict", "registry", "report", "synth", "dataset"])
 def test_help_answers_without_tensorflow(module):
     proc = run_cli(module, "--help", importtime=True)
     assert proc.returncode == 0 and proc.stdout.startswith(f"usage: python -m rfcx_mlops.{module}")
@@ -59,11 +59,18 @@ def test_help_answers_without_tensorflow(module):
      "use sqlite:///FILE (one worker) or postgresql://USER:PASSWORD@HOST/DB (many)"),
     ("synth", ["out", "--recordings", "0"], "error: argument --recordings: must be >= 1, got 0 (see --help)"),
     ("dataset", ["check"], "error: the following arguments are required: data_dir (see --help)"),
+    ("registry", ["promote", "--model", "runs:/x/model", "--data-dir", "."],
+     "error: --model runs:/x/model: expected models:/NAME/VERSION or models:/NAME@ALIAS (e.g. models:/rfcx@champion)"),
+    ("registry", ["evaluate", "--model", "models:/rfcx/1"],
+     "error: --data-dir: give the labelled recordings to evaluate on (or --fold K)"),
+    ("registry", ["register", "--run-id", "x"],
+     "error: no MLflow store here: {cwd}/mlflow.db does not exist; run this where the runs were made, or set "
+     "MLFLOW_TRACKING_URI to their store"),
 ])
 def test_a_refusal_is_one_line_before_tensorflow(tmp_path, module, args, message):
-    proc = run_cli(module, *args, importtime=True)
+    proc = run_cli(module, *args, importtime=True, cwd=tmp_path if module == "registry" else ROOT)
     lines = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
-    assert proc.returncode == 2 and lines == [message], proc.stderr[-2000:]
+    assert proc.returncode == 2 and lines == [message.format(cwd=tmp_path)], proc.stderr[-2000:]
     assert "tensorflow" not in imported(proc)
 
 
@@ -114,10 +121,10 @@ def test_readme_commands_use_what_exists():
     point and parameters (with --env-manager local, which a machine without conda needs), or benchmark script,
     or parses with its module's own parser into a valid config.  (Most of them train for hours: the tests run
     their tiny versions.)"""
-    from rfcx_mlops import cli, config, dataset, predict, report, selftrain, synth, train, tune
+    from rfcx_mlops import cli, config, dataset, predict, registry, report, selftrain, synth, train, tune
 
     parsers = {m.__name__.split(".")[-1]: m.parse_args
-               for m in (dataset, predict, report, selftrain, synth, train, tune)}
+               for m in (dataset, predict, registry, report, selftrain, synth, train, tune)}
     makefile = (ROOT / "Makefile").read_text()
     entry_points = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]
     seen = set()
@@ -149,7 +156,8 @@ def test_readme_commands_use_what_exists():
 
 
 RUN_AS_WRITTEN = ("python -m rfcx_mlops.dataset check", "python -m rfcx_mlops.dataset import-raven",
-                  "python -m rfcx_mlops.report", "python -m rfcx_mlops.predict")
+                  "python -m rfcx_mlops.report", "python -m rfcx_mlops.predict", "python -m rfcx_mlops.registry")
+DEMO_DATA = "data/demo/n480-seed0-v3"  # what make demo builds: the tiny data stands in for it
 
 
 def test_the_readme_commands_that_need_no_training_run_as_written(cv_run, tiny_data, tmp_path):
@@ -167,11 +175,14 @@ def test_the_readme_commands_that_need_no_training_run_as_written(cv_run, tiny_d
             continue
         command = re.sub(r"\s*\[[^]]*\]", "", command)  # [optional] parts: the defaults
         command = command.replace("<run id>", cv_run.folds[0].info.run_id).replace("/path/to/rfcx", str(tiny_data))
+        command = command.replace(DEMO_DATA, str(tiny_data))
         proc = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=600)
         assert proc.returncode == 0, (command, proc.stderr[-2000:])
         ran.append(command.split()[2])
-    assert sorted(set(ran)) == ["rfcx_mlops.dataset", "rfcx_mlops.predict", "rfcx_mlops.report"]
+    assert sorted(set(ran)) == ["rfcx_mlops.dataset", "rfcx_mlops.predict", "rfcx_mlops.registry", "rfcx_mlops.report"]
     assert (tmp_path / "submission.csv").is_file() and (tmp_path / "runs.csv").is_file()
+    assert (tmp_path / "champion.csv").is_file()
+    assert client.get_registered_model("rfcx").aliases["champion"] == 1
     assert (tmp_path / "out" / "detections.csv").is_file() and (tmp_path / "my-data" / "species.csv").is_file()
     assert any((tmp_path / "out" / "audacity").iterdir()) and any((tmp_path / "out" / "raven").iterdir())

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import free_port, start_server
+from conftest import POSTGRES, free_port, needs_postgres, start_server
 from rfcx_mlops import tune
 from rfcx_mlops.config import Config, flatten, load, with_overrides
 from rfcx_mlops.errors import ConfigError
@@ -26,8 +25,6 @@ from rfcx_mlops.jobs import study as studies
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "tiny.yaml"
 TINY_SEARCH = ROOT / "tests" / "tiny_search.yaml"
-POSTGRES = os.environ.get("RFCX_TEST_POSTGRES", "")
-needs_postgres = pytest.mark.skipif(not POSTGRES, reason="RFCX_TEST_POSTGRES is not set (.ci/run starts a server)")
 
 
 def write_space(tmp_path: Path, space: dict, **sections) -> Path:
@@ -380,21 +377,6 @@ def test_interrupted_study_queues_its_running_trial(tiny_data, tmp_path):
 
 
 # --- many workers: PostgreSQL for the study, one MLflow tracking server for the runs -------------------------
-
-
-@pytest.fixture
-def pg_database() -> str:
-    """A fresh database on the test server, dropped afterwards."""
-    import sqlalchemy
-
-    name = f"tune_{uuid.uuid4().hex[:10]}"
-    admin = sqlalchemy.create_engine(POSTGRES, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
-    yield POSTGRES.rsplit("/", 1)[0] + "/" + name
-    with admin.connect() as conn:
-        conn.execute(sqlalchemy.text(f"DROP DATABASE {name} WITH (FORCE)"))
-    admin.dispose()
 
 
 @pytest.fixture

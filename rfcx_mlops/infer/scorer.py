@@ -105,29 +105,43 @@ def recording_scores(window_scores: np.ndarray) -> np.ndarray:
     return window_scores.max(axis=1).mean(axis=0)
 
 
+def model_runs(run: mlflow.entities.Run) -> list[mlflow.entities.Run]:
+    """The runs whose models score for ``run``: itself, or each finished fold of a cross-validation run."""
+    if run.data.tags.get("cv") != "true":
+        return [run]
+    folds = MlflowClient().search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}' "
+                                       "and attributes.status = 'FINISHED'", order_by=["tags.fold ASC"])
+    if not folds:
+        raise ModelError(f"run {run.info.run_id} is a cross-validation run with no finished fold")
+    return folds
+
+
+def model_uri(run: mlflow.entities.Run) -> str:
+    """The ``models:/<model id>`` of the model a training run logged, or one line saying why it has none."""
+    uri = run.data.tags.get("model_uri")
+    if not uri and run.data.tags.get("selftrain") == "true":
+        best = run.data.tags.get("best_run_id")
+        raise ModelError(f"run {run.info.run_id} is a self-training run: its rounds hold the models"
+                         + (f" (the best: run {best})" if best else ""))
+    if not uri and run.info.status == "FINISHED":
+        raise ModelError(f"run {run.info.run_id} has no model: a tuning trial keeps none (unless tune "
+                         "--keep-models); retrain its values with python -m rfcx_mlops.train")
+    if not uri:
+        raise ModelError(f"run {run.info.run_id} has no model: it is {run.info.status} (a model is logged when "
+                         f"training finishes; resume it with python -m rfcx_mlops.train --resume {run.info.run_id})")
+    return uri
+
+
 def _run_models(run: mlflow.entities.Run, folder: Path) -> tuple[list[keras.Model], list[str]]:
     """The logged model (the best epoch's weights) of the run, or of each fold of a cross-validation run."""
-    client = MlflowClient()
-    if run.data.tags.get("cv") == "true":
-        scored = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}' "
-                                    "and attributes.status = 'FINISHED'", order_by=["tags.fold ASC"])
-        if not scored:
-            raise ModelError(f"run {run.info.run_id} is a cross-validation run with no finished fold")
-    else:
-        scored = [run]
+    scored = model_runs(run)
     models = []
     for r in scored:
-        model_uri = r.data.tags.get("model_uri")
-        if not model_uri and r.info.status == "FINISHED":
-            raise ModelError(f"run {r.info.run_id} has no model: a tuning trial keeps none (unless tune "
-                             "--keep-models); retrain its values with python -m rfcx_mlops.train")
-        if not model_uri:
-            raise ModelError(f"run {r.info.run_id} has no model: it is {r.info.status} (a model is logged when "
-                             f"training finishes; resume it with python -m rfcx_mlops.train --resume {r.info.run_id})")
+        uri = model_uri(r)
         try:
-            path = download_weights(model_uri, folder / r.info.run_id)
+            path = download_weights(uri, folder / r.info.run_id)
         except mlflow.exceptions.MlflowException as exc:
-            raise ModelError(f"run {r.info.run_id}: its model {model_uri} cannot be read "
+            raise ModelError(f"run {r.info.run_id}: its model {uri} cannot be read "
                              f"({str(exc).splitlines()[0]})") from None
         models.append(keras.models.load_model(path, compile=False))
     return models, [r.info.run_id for r in scored]

@@ -1,5 +1,9 @@
 """The servable MLflow model (``mlflow models serve -m runs:/<run id>/model``): ``scorer.Scorer`` as a pyfunc model.
 
+A training run's model holds its weights; a cross-validation run's (``log_ensemble``) names its
+folds' models, which it loads from the tracking store where it is served, so that no weights
+are stored twice.
+
 What a server accepts is the operator's choice, made where it starts, in its environment:
 
     RFCX_SERVE_AUDIO_ROOT   a folder: rows may name audio files in it by ``path``
@@ -14,6 +18,7 @@ one line saying why, and the server goes on serving.
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +33,9 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, PERMISSION_DEN
 from rfcx_mlops.config import Config, from_dict, to_yaml
 from rfcx_mlops.data import audio
 from rfcx_mlops.errors import ConfigError
-from rfcx_mlops.infer.scorer import MODEL_DIR, WEIGHTS_FILE, Scorer
+from rfcx_mlops.infer.scorer import MODEL_DIR, WEIGHTS_FILE, Scorer, download_weights
+
+FOLDS_FILE = "folds.txt"  # an ensemble's fold models, one model id a line
 
 
 def _refuse(message: str, code=INVALID_PARAMETER_VALUE) -> MlflowException:
@@ -94,7 +101,14 @@ class SpeciesScorer(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         self.limits = Limits.from_environment()
         cfg = from_dict(yaml.safe_load(Path(context.artifacts["config"]).read_text()))
-        self.scorer = Scorer([keras.models.load_model(context.artifacts["keras_model"], compile=False)], cfg)
+        if "folds" in context.artifacts:
+            with tempfile.TemporaryDirectory(prefix="rfcx-ensemble-") as tmp:
+                models = [keras.models.load_model(download_weights(f"models:/{model_id}", Path(tmp) / model_id),
+                                                  compile=False)
+                          for model_id in Path(context.artifacts["folds"]).read_text().split()]
+        else:
+            models = [keras.models.load_model(context.artifacts["keras_model"], compile=False)]
+        self.scorer = Scorer(models, cfg)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         rate_out = self.scorer.sample_rate
@@ -120,18 +134,33 @@ class SpeciesScorer(mlflow.pyfunc.PythonModel):
 
 
 def log_servable(model: keras.Model, cfg: Config, folder: Path) -> str:
-    """Log ``model`` (uncompiled: ``model.weights_only``) with its config as the run's pyfunc model; its URI.
+    """Log ``model`` (uncompiled: ``model.weights_only``) with its config as the active run's pyfunc model; its URI.
 
     MLflow 3 stores it as a logged model linked to the run: ``runs:/<run id>/model``,
     or the ``models:/<model id>`` URI the run's ``model_uri`` tag holds.
     """
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, DataType, Schema
-
     weights = folder / WEIGHTS_FILE
     model.save(weights)
+    uri = _log(cfg, folder, int(model.output_shape[-1]), {"keras_model": str(weights)},
+               mlflow.active_run().info.run_id)
+    mlflow.set_tag("model_uri", uri)
+    return uri
+
+
+def log_ensemble(run_id: str, model_ids: list[str], cfg: Config, n_classes: int, folder: Path) -> str:
+    """Log, to the finished run ``run_id``, the pyfunc model scoring with the mean of the logged models
+    ``model_ids`` (a cross-validation run's folds); its ``models:/<model id>`` URI."""
+    (folder / FOLDS_FILE).write_text("\n".join(model_ids) + "\n")
+    experiment_id = mlflow.tracking.MlflowClient().get_run(run_id).info.experiment_id  # not the active one
+    model = mlflow.initialize_logged_model(MODEL_DIR, source_run_id=run_id, experiment_id=experiment_id)
+    return _log(cfg, folder, n_classes, {"folds": str(folder / FOLDS_FILE)}, run_id, model.model_id)
+
+
+def _log(cfg: Config, folder: Path, n: int, artifacts: dict[str, str], run_id: str, model_id: str | None = None) -> str:
+    from mlflow.models import Model, ModelSignature
+    from mlflow.types.schema import Array, ColSpec, DataType, Schema
+
     (folder / "servable.yaml").write_text(to_yaml(cfg))
-    n = int(model.output_shape[-1])
     signature = ModelSignature(
         inputs=Schema([ColSpec(DataType.string, "path", required=False),
                        ColSpec(Array(DataType.double), "audio", required=False),
@@ -139,12 +168,11 @@ def log_servable(model: keras.Model, cfg: Config, folder: Path) -> str:
         outputs=Schema([ColSpec(DataType.float, f"s{i}") for i in range(n)]),
     )
     example = pd.DataFrame({"audio": [[0.0] * 1600], "sample_rate": [16000]})
-    info = mlflow.pyfunc.log_model(name=MODEL_DIR, python_model=str(Path(__file__).with_name("servable_model.py")),
-                                   signature=signature,
-                                   input_example=example,
-                                   artifacts={"keras_model": str(weights), "config": str(folder / "servable.yaml")},
-                                   code_paths=[str(Path(__file__).parents[1])], pip_requirements=_requirements())
-    mlflow.set_tag("model_uri", info.model_uri)
+    info = Model.log(artifact_path=None, flavor=mlflow.pyfunc, run_id=run_id, name=MODEL_DIR,
+                     python_model=str(Path(__file__).with_name("servable_model.py")), signature=signature,
+                     input_example=example, artifacts={**artifacts, "config": str(folder / "servable.yaml")},
+                     code_paths=[str(Path(__file__).parents[1])], pip_requirements=_requirements(),
+                     model_id=model_id, flavor_name="pyfunc.ModelFromCode")
     return info.model_uri
 
 

@@ -22,7 +22,6 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.data.code_dataset_source import CodeDatasetSource
-from sklearn.metrics import average_precision_score
 
 from rfcx_mlops import streams
 from rfcx_mlops.config import Config, check_fold
@@ -35,7 +34,7 @@ from rfcx_mlops.infer.scorer import Scorer, window_starts
 from rfcx_mlops.infer.servable import log_servable
 from rfcx_mlops.learn.batches import (Batches, Samples, SpectrogramBatches, make_batches, make_samples,
                                      reuse_freed_memory)
-from rfcx_mlops.learn.metrics import lwlrap
+from rfcx_mlops.learn.metrics import lwlrap, species_ap
 from rfcx_mlops.learn.model import build, for_training, precision_and_devices
 from rfcx_mlops.streams import Purpose
 from rfcx_mlops.track import checkpoints, plots, runs
@@ -175,10 +174,7 @@ def _validation_scores(model: keras.Model, batches: Batches, fold: int) -> tuple
     """Per-species AP and the per-window predictions of ``model`` on the validation batches."""
     scores = model.predict(batches, verbose=0)
     truth = batches.samples.labels
-    ap = pd.Series(
-        {c: average_precision_score(truth[:, c], scores[:, c]) if truth[:, c].any() else np.nan
-         for c in range(truth.shape[1])}
-    )
+    ap = species_ap(truth, scores)
     n = truth.shape[1]
     table = pd.concat([
         pd.DataFrame({"recording_id": batches.samples.recording_ids, "start": batches.samples.starts, "fold": fold}),

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from rfcx_mlops.config import DetectConfig
 from rfcx_mlops.data import audio, raven
+from rfcx_mlops.data.evaluation import CALLS_FILE, LABELS_FILE
 from rfcx_mlops.data.folder import recordings_to_score
 from rfcx_mlops.errors import UserError
 from rfcx_mlops.files import atomic_path
@@ -30,8 +31,6 @@ from rfcx_mlops.infer.scorer import Scorer, load_run, species_table
 from rfcx_mlops.learn.metrics import lwlrap
 
 log = logging.getLogger("rfcx_mlops.predict")
-LABELS_FILE = "test_labels.csv"  # the demo data's test truth
-CALLS_FILE = "test_calls.csv"  # ... and when each test call happens
 DETECTIONS_FILE = "detections.csv"
 EVENTS_FILE = "event_scores.csv"
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import pandas as pd
 from keras import ops
-from sklearn.metrics import label_ranking_average_precision_score
+from sklearn.metrics import average_precision_score, label_ranking_average_precision_score
 
 UNKNOWN = -1.0  # a target neither labelled present (train_tp) nor verified absent (train_fp)
 
@@ -24,6 +25,13 @@ def lwlrap(y_true: np.ndarray, scores: np.ndarray) -> float:
         raise ValueError("lwlrap needs at least one row with a true label")
     y, s = y_true[keep], scores[keep]
     return float(label_ranking_average_precision_score(y, s, sample_weight=y.sum(axis=1)))
+
+
+def species_ap(y_true: np.ndarray, scores: np.ndarray) -> pd.Series:
+    """Average precision of each species (column) over the rows; NaN for a species no row holds."""
+    y_true = np.asarray(y_true) > 0.5
+    return pd.Series({c: average_precision_score(y_true[:, c], scores[:, c]) if y_true[:, c].any() else np.nan
+                      for c in range(y_true.shape[1])})
 
 
 @keras.saving.register_keras_serializable(package="rfcx_mlops")
