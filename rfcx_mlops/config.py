@@ -21,6 +21,7 @@ from rfcx_mlops.errors import ConfigError, UserError
 
 DEFAULT_EXPERIMENT = "rfcx"  # the MLflow experiment runs log to unless told otherwise
 DEFAULT_MODEL = "rfcx"  # the registered model the registry commands use unless told
+CHAMPION = "champion"  # the alias of the version in use, which predict and serving follow
 VOLUME_MODES = ("uniform", "fade", "cosine", "sine")  # the volume envelopes (augment.VolumeControl)
 SHIFT_PADDINGS = ("replace", "zero")  # what a time shift fills the window with (augment.TimeShift)
 AUGMENT_DOMAINS = ("spectrogram", "waveform")  # where pitch shift and volume act

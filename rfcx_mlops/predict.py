@@ -43,6 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--plots", default="", metavar="DIR",
                    help="also draw each recording into DIR: its spectrogram with the detections, its top species' scores")
     cli.add_verbose(p)
+    p.set_defaults(folds=None)  # a registered cross-validation version's fold models, set by ``check``
     return p.parse_args(argv)
 
 
@@ -51,10 +52,10 @@ def check(args: argparse.Namespace) -> None:
     from rfcx_mlops.data.folder import recordings_to_score  # pandas: after --help and the flags' own checks
 
     if args.model:
-        from rfcx_mlops.track.registry import resolve, source_run
+        from rfcx_mlops.track.registry import ensemble_folds, resolve, source_run
 
-        version = resolve(args.model)
-        args.run_id = source_run(version)
+        version = resolve(args.model)  # in a store that exists and has a registry
+        args.run_id, args.folds = source_run(version), ensemble_folds(version)
         print(f"{args.model}: {version.name} version {version.version}, the model of run {args.run_id}")
     if args.data_dir:
         recordings_to_score(Path(args.data_dir), n_classes=None)
@@ -73,7 +74,7 @@ def request(args: argparse.Namespace, job):
                for flag in ("detections", "raven", "audacity", "plots")}
     return job.Request(args.run_id, Path(args.out), data_dir=args.data_dir, hop=args.hop,
                        detect={k: v for k, v in given.items() if v is not None},
-                       need_labels=args.min_lwlrap is not None, **folders)
+                       need_labels=args.min_lwlrap is not None, folds=args.folds, **folders)
 
 
 def run(args: argparse.Namespace) -> int:

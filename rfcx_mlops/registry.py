@@ -18,13 +18,20 @@ import sys
 from pathlib import Path
 
 from rfcx_mlops import cli
-from rfcx_mlops.config import DEFAULT_MODEL
+from rfcx_mlops.config import CHAMPION, DEFAULT_MODEL
 from rfcx_mlops.errors import UserError
 
 
 def _name(text: str) -> str:
     if not re.fullmatch(r"[\w-]+", text):
         raise argparse.ArgumentTypeError(f"expected letters, digits, _ and -; got {text!r}")
+    return text
+
+
+def _alias(text: str) -> str:
+    if re.fullmatch(r"latest|v\d+|challenger", _name(text)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an alias the gate can move (latest and v<N> are "
+                                         "MLflow's, challenger marks every candidate)")
     return text
 
 
@@ -47,8 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         q.add_argument("--fold", type=int, default=None, metavar="K",
                        help="only the validation recordings of fold K of the version's run (its folds.csv)")
         if command == "promote":
-            q.add_argument("--against", type=_name, default="champion",
-                           help="the alias compared with and moved (default champion)")
+            q.add_argument("--against", type=_alias, default=CHAMPION,
+                           help=f"the alias compared with and moved (default {CHAMPION})")
             q.add_argument("--min-gain", type=cli.non_negative, default=0.0, metavar="X",
                            help="LWLRAP the candidate must gain over the alias' version (default 0: any gain)")
         cli.add_verbose(q)
@@ -59,21 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _store() -> None:
-    """A database-backed store that exists: reading a missing SQLite file would create it, empty."""
+def run(args: argparse.Namespace) -> int:
     import mlflow
 
-    from rfcx_mlops.track.registry import check_store
-    from rfcx_mlops.track.report import missing_store
-
-    uri = mlflow.get_tracking_uri()
-    check_store(uri)
-    problem = missing_store(uri)
-    if problem:
-        raise UserError(f"{problem}; run this where the runs were made, or set MLFLOW_TRACKING_URI to their store")
-
-
-def run(args: argparse.Namespace) -> int:
     from rfcx_mlops.track import registry  # MLflow, not TensorFlow
 
     if args.command in ("evaluate", "promote"):
@@ -82,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--data-dir: give the labelled recordings to evaluate on (or --fold K)")
         if args.data_dir and not Path(args.data_dir).is_dir():
             raise UserError(f"--data-dir {args.data_dir}: no such folder")
-    _store()
+    registry.check_store(mlflow.get_tracking_uri())
     if args.command == "promotions":
         print(registry.promotions_text(args.name))
         return cli.Exit.OK

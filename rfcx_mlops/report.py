@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> int:
     import mlflow
 
-    from rfcx_mlops.track.registry import versions_table
+    from rfcx_mlops.track.registry import has_registry, versions_table
     from rfcx_mlops.track.report import missing_store, render, runs_table
 
     problem = missing_store(mlflow.get_tracking_uri())
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     print(render(table) if len(table) else f"experiment {args.experiment!r} has no runs")
     table.to_csv(Path(args.out), index=False)
     print(f"\n{len(table)} run{'' if len(table) == 1 else 's'}; written to {args.out}")
-    if "://" in mlflow.get_tracking_uri() and not mlflow.get_tracking_uri().startswith("file:"):
+    if has_registry(mlflow.get_tracking_uri()):
         versions = versions_table()
         if len(versions):
             print(f"\nregistered models (aliases; LWLRAP on each evaluation set):\n{versions.to_string(index=False)}")

@@ -22,6 +22,7 @@ from sklearn.metrics import average_precision_score
 
 from conftest import ROOT, free_port, needs_postgres, start_server
 from rfcx_mlops import predict, registry, report
+from rfcx_mlops.infer.scorer import ModelError, check_ensemble
 from rfcx_mlops.learn.metrics import lwlrap
 from rfcx_mlops.track import registry as tracked
 
@@ -51,9 +52,9 @@ def run_cli(main, argv: list[str], capsys) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def session(cv_run, tiny_data, tmp_path_factory) -> Session:
-    """Register both folds, evaluate them on the demo test set, then: the worse becomes champion (there is none),
-    the better replaces it, the worse is refused, the champion is put to the gate again (it holds), the worse is
-    refused a margin it does not reach."""
+    """Register both folds, evaluate them on the demo test set, then put them to the gate: the worse becomes
+    champion (there is none); the better is refused a margin of 1 it cannot reach, then replaces it with none;
+    the worse is refused; the champion is put to the gate again and holds."""
     tmp = tmp_path_factory.mktemp("registry")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", cv_run.tracking_uri)
@@ -76,13 +77,11 @@ def session(cv_run, tiny_data, tmp_path_factory) -> Session:
         assert scores[1] != scores[2]
         better, worse = sorted(runs, key=scores.get, reverse=True)
         codes = []
-        for n in (worse, better):
-            code, out = capsys.call(registry.main, ["promote", "--model", f"models:/{NAME}/{n}", "--data-dir",
-                                                    str(tiny_data)])
-            codes.append(code)
-            outputs.append(out)
-        before = len(client.get_logged_model(tracked.model_id(client.get_model_version(NAME, str(worse)))).metrics)
-        for n, margin in ((worse, "0"), (better, "0"), (worse, "0.5")):
+        steps = [(worse, "0"), (better, "1"), (better, "0"), (worse, "0"), (better, "0")]
+        for step, (n, margin) in enumerate(steps):
+            if step == 3:
+                before = len(client.get_logged_model(tracked.model_id(client.get_model_version(NAME, str(worse))))
+                             .metrics)
             code, out = capsys.call(registry.main, ["promote", "--model", f"models:/{NAME}/{n}", "--data-dir",
                                                     str(tiny_data), "--min-gain", margin])
             codes.append(code)
@@ -145,26 +144,26 @@ def test_evaluation_figures_are_those_of_predict_s_scores(session, tiny_data, ca
 
 
 def test_the_gate_promotes_the_first_and_the_better_and_refuses_the_worse(session):
-    assert session.codes == [0, 0, 3, 0, 3]
-    first, second, refused, held, short = session.outputs[-5:]
+    assert session.codes == [0, 3, 0, 3, 0]
+    first, short, second, refused, held = session.outputs[-5:]
     assert "promoted: no @champion yet" in first and "promoted: LWLRAP" in second
+    assert re.search(r"refused: LWLRAP .* gain \+[0-9.]+, under the margin 1$", short, re.M), short
     assert re.search(r"refused: LWLRAP [0-9.]+ against [0-9.]+ of version \d on tiny/test@\w+: gain -[0-9.]+, "
                      "not better", refused), refused
     assert f"version {session.better} is @champion already" in held
-    assert re.search(r"refused: LWLRAP .* gain -[0-9.]+, not better", short)
     model = session.client.get_registered_model(NAME)
-    assert model.aliases == {"champion": session.better, "challenger": session.worse}
+    assert model.aliases == {"champion": session.better, "challenger": session.better}
     worse = session.client.get_model_version(NAME, str(session.worse))
     assert worse.tags["promotion"].startswith("refused")
     # The refusal compared figures recorded before: nothing was scored again.
     assert len(session.client.get_logged_model(tracked.model_id(worse)).metrics) == \
         session.evaluations_before_refusal
     table = tracked.promotions(NAME)
-    assert table["decision"].tolist() == ["promoted", "promoted", "refused", "held", "refused"]
-    assert table["candidate"].tolist() == [str(v) for v in (session.worse, session.better, session.worse,
-                                                            session.better, session.worse)]
-    assert table["min_gain"].tolist() == [0, 0, 0, 0, 0.5]
-    assert table.loc[2, "gain"] == pytest.approx(table.loc[2, "candidate_lwlrap"] - table.loc[2, "against_lwlrap"])
+    assert table["decision"].tolist() == ["promoted", "refused", "promoted", "refused", "held"]
+    assert table["candidate"].tolist() == [str(v) for v in (session.worse, session.better, session.better,
+                                                            session.worse, session.better)]
+    assert table["min_gain"].tolist() == [0, 1, 0, 0, 0]
+    assert table.loc[3, "gain"] == pytest.approx(table.loc[3, "candidate_lwlrap"] - table.loc[3, "against_lwlrap"])
     assert f"promotions of {NAME}:" in refused and refused.count("promoted") >= 2
 
 
@@ -204,6 +203,9 @@ def test_a_cross_validation_run_is_one_version_scoring_with_its_folds_mean(sessi
     assert not [p for p in files if p.suffix == ".keras"]  # it names its folds' weights, holds none
     (folds,) = [p for p in files if p.name == "folds.txt"]
     assert folds.read_text().split() == [r.data.tags["model_uri"][len("models:/"):] for r in cv_run.folds]
+    check_ensemble(cv_run.parent, folds.read_text().split())
+    with pytest.raises(ModelError, match="fold models changed since it was registered"):
+        check_ensemble(cv_run.parent, folds.read_text().split()[:1])  # as if a fold had been deleted since
     by_run = _submission(["--run-id", cv_run.parent.info.run_id], tmp_path / "run.csv", capsys)
     by_version = _submission(["--model", f"models:/{NAME}/3"], tmp_path / "version.csv", capsys)
     pd.testing.assert_frame_equal(by_version, by_run)
@@ -232,8 +234,9 @@ def test_report_lists_versions_with_aliases_and_figures(session, capsys, tmp_pat
     assert code == 0
     listed = out.split("registered models")[1]
     figure = _lwlrap(session.client, session.better)
-    assert re.search(rf"{NAME} +{session.better} +@champion +{session.runs[session.better][:8]}", listed)
-    assert re.search(rf"{NAME} +{session.worse} +@challenger +{session.runs[session.worse][:8]}", listed)
+    assert re.search(rf"{NAME} +{session.better} +@challenger, @champion +{session.runs[session.better][:8]}",
+                     listed)
+    assert re.search(rf"{NAME} +{session.worse} +{session.runs[session.worse][:8]}", listed)
     assert f"{figure:.4f} on tiny/test@" in listed
 
 
@@ -283,6 +286,10 @@ def test_bad_input_is_one_line_and_changes_nothing(session, cv_run, tiny_data, c
         (["promote", "--model", f"models:/{NAME}/1", "--data-dir", str(tiny_data), "--min-gain", "-1"],
          "argument --min-gain: expected a number >= 0"),
         (["register", "--run-id", "x", "--name", "a b"], "argument --name: expected letters"),
+        (["promote", "--model", f"models:/{NAME}/1", "--data-dir", str(tiny_data), "--against", "latest"],
+         "argument --against: 'latest' is not an alias the gate can move"),
+        (["promote", "--model", f"models:/{NAME}/1", "--data-dir", str(tiny_data), "--against", "challenger"],
+         "argument --against: 'challenger' is not an alias the gate can move"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) if "argument" in message else _no_raise() as exit_:

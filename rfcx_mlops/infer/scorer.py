@@ -132,6 +132,17 @@ def model_uri(run: mlflow.entities.Run) -> str:
     return uri
 
 
+def check_ensemble(run: mlflow.entities.Run, registered: list[str] | None) -> None:
+    """A cross-validation run scores with the fold models it was registered with (``registered``: their model
+    ids; None: not an ensemble), not with folds finished, resumed or deleted since."""
+    if registered is None:
+        return
+    now = [model_uri(r).removeprefix("models:/") for r in model_runs(run)]
+    if now != registered:
+        raise ModelError(f"run {run.info.run_id}'s fold models changed since it was registered (then "
+                         f"{', '.join(registered)}; now {', '.join(now)}): register it again")
+
+
 def _run_models(run: mlflow.entities.Run, folder: Path) -> tuple[list[keras.Model], list[str]]:
     """The logged model (the best epoch's weights) of the run, or of each fold of a cross-validation run."""
     scored = model_runs(run)
@@ -147,7 +158,9 @@ def _run_models(run: mlflow.entities.Run, folder: Path) -> tuple[list[keras.Mode
     return models, [r.info.run_id for r in scored]
 
 
-def load_run(run_id: str, folder: Path, hop_seconds: float | None = None) -> tuple[mlflow.entities.Run, Scorer]:
+def load_run(run_id: str, folder: Path, hop_seconds: float | None = None,
+             registered: list[str] | None = None) -> tuple[mlflow.entities.Run, Scorer]:
+    """The run and a ``Scorer`` of its models (``registered``: see ``check_ensemble``)."""
     try:
         run = MlflowClient().get_run(run_id)
     except mlflow.exceptions.MlflowException:
@@ -156,6 +169,7 @@ def load_run(run_id: str, folder: Path, hop_seconds: float | None = None) -> tup
         cfg = runs.logged_config(run)
     except mlflow.exceptions.MlflowException:
         raise ModelError(f"run {run_id} has no config.yaml: not a training run") from None
+    check_ensemble(run, registered)
     models, ids = _run_models(run, folder)
     log.info("run %s: %d model(s) from %s", run_id, len(models), ", ".join(ids))
     return run, Scorer(models, cfg, hop_seconds)

@@ -34,8 +34,7 @@ from rfcx_mlops.config import Config, from_dict, to_yaml
 from rfcx_mlops.data import audio
 from rfcx_mlops.errors import ConfigError
 from rfcx_mlops.infer.scorer import MODEL_DIR, WEIGHTS_FILE, Scorer, download_weights
-
-FOLDS_FILE = "folds.txt"  # an ensemble's fold models, one model id a line
+from rfcx_mlops.track.registry import FOLDS_FILE
 
 
 def _refuse(message: str, code=INVALID_PARAMETER_VALUE) -> MlflowException:

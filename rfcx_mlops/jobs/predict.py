@@ -53,6 +53,7 @@ class Request:
     audacity: Path | None = None  # a folder for Audacity label tracks
     plots: Path | None = None  # a folder for pictures
     need_labels: bool = False  # the folder must hold LABELS_FILE (a gate on the test LWLRAP)
+    folds: list[str] | None = None  # a registered cross-validation version's fold models (``check_ensemble``)
 
     @property
     def detections_file(self) -> Path:
@@ -98,7 +99,7 @@ def run(request: Request, say: Callable[[str], None] = print) -> tuple[float | N
     """Score the folder, write and log every output, ``say`` what was written: the test LWLRAP (None without
     test labels) and the recordings that could not be scored."""
     with tempfile.TemporaryDirectory(prefix="rfcx-predict-") as tmp:
-        mlrun, scorer = load_run(request.run_id, Path(tmp), request.hop)
+        mlrun, scorer = load_run(request.run_id, Path(tmp), request.hop, request.folds)
         data_dir = Path(request.data_dir or mlrun.data.tags.get("data_dir", ""))
         if not str(data_dir) or str(data_dir) == ".":
             raise PredictError(f"run {request.run_id} records no data_dir; pass --data-dir")

@@ -17,6 +17,7 @@ promotion gate that moves an alias (``python -m rfcx_mlops.registry``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import getpass
 import hashlib
@@ -24,7 +25,6 @@ import json
 import logging
 import os
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -76,6 +76,12 @@ def register(run_id: str, name: str, say: Callable[[str], None] = print) -> Mode
     source_run_id = client.get_logged_model(model_id).source_run_id
     version = client.create_model_version(name, f"models:/{model_id}", source_run_id, tags=_version_tags(run, cfg),
                                           model_id=model_id)
+    first = min((v for v in client.search_model_versions(f"name = '{name}'") if registry.model_id(v) == model_id),
+                key=lambda v: int(v.version))
+    if first.version != version.version:  # another command registered the same model meanwhile: keep its version
+        client.delete_model_version(name, version.version)
+        say(f"run {run_id} is already {name} version {first.version} (models:/{name}/{first.version})")
+        return first
     try:
         version = client.update_model_version(name, version.version, description=card(version))
         # The logged model's page links to its versions, as mlflow.register_model leaves it.
@@ -83,7 +89,8 @@ def register(run_id: str, name: str, say: Callable[[str], None] = print) -> Mode
         client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(
             linked + [{"name": name, "version": version.version}])})
     except BaseException:
-        client.delete_model_version(name, version.version)  # registered whole or not at all
+        with contextlib.suppress(mlflow.exceptions.MlflowException):
+            client.delete_model_version(name, version.version)  # registered whole or not at all
         raise
     say(f"registered run {run_id} as {name} version {version.version}: models:/{name}/{version.version}")
     return version
@@ -138,7 +145,6 @@ def _version_tags(run: Run, cfg: Config) -> dict[str, str]:
 class Evaluation:
     version: ModelVersion
     figures: dict[str, float]  # lwlrap, ap_s<k>, event_precision, event_recall, recordings
-    reused: bool  # read back from an earlier evaluation on the same set
 
     @property
     def lwlrap(self) -> float:
@@ -173,8 +179,9 @@ def check_unseen(version: ModelVersion, data: EvaluationSet) -> None:
     """A labelled folder's recordings the version's model trained on cannot evaluate it."""
     if not data.labelled:
         return
+    fingerprint = folder.fingerprint(data.folder)
     for run in model_runs(MlflowClient().get_run(source_run(version))):
-        if run.data.tags.get("dataset_fingerprint") != folder.fingerprint(data.folder):
+        if run.data.tags.get("dataset_fingerprint") != fingerprint:
             continue
         assigned = _folds(run)
         trained = set(assigned.loc[assigned["fold"].astype(str) != run.data.tags.get("fold"), "recording_id"])
@@ -190,28 +197,28 @@ def evaluate(version: ModelVersion, data: EvaluationSet, say: Callable[[str], No
     """The version's figures on ``data``: read back where it was evaluated on the same set, else measured and
     logged to the active run as metrics of its model tied to the set; the model card rewritten."""
     recorded = evaluations(registry.model_id(version))
-    same = recorded[recorded["digest"] == data.digest]
-    if len(same) and EVALUATION_METRIC in same:
-        figures = {k: float(v) for k, v in same.iloc[-1].drop(["dataset", "digest"]).items() if pd.notna(v)}
+    same = recorded[recorded["digest"] == data.digest].drop(columns=["dataset", "digest"])
+    whole = [EVALUATION_METRIC, "recordings"]  # logged together with the rest: an evaluation that finished
+    if len(same) and set(whole) <= set(same) and same[whole].iloc[-1].notna().all():
+        figures = {k: float(v) for k, v in same.iloc[-1].items() if pd.notna(v)}
         say(f"{_name(version)}: LWLRAP {figures[EVALUATION_METRIC]:.4f} on {data.name}@{data.digest[:8]} "
             "(recorded before)")
-        return Evaluation(version, figures, reused=True)
+        return Evaluation(version, figures)
     figures = _measure(version, data)
     dataset = MetaDataset(LocalArtifactDatasetSource(str(data.folder.resolve())), name=data.name, digest=data.digest)
-    for key, value in figures.items():
-        mlflow.log_metric(key, value, model_id=registry.model_id(version), dataset=dataset)
+    mlflow.log_metrics(figures, model_id=registry.model_id(version), dataset=dataset)
     client = MlflowClient()
     client.update_model_version(version.name, version.version, description=card(version))
     events = "".join(f", event {k} {figures['event_' + k]:.4f}" for k in ("precision", "recall")
                      if f"event_{k}" in figures)
     say(f"{_name(version)}: LWLRAP {figures[EVALUATION_METRIC]:.4f} on {data.name}@{data.digest[:8]} "
         f"({len(data.ids)} recordings){events}")
-    return Evaluation(version, figures, reused=False)
+    return Evaluation(version, figures)
 
 
 def _measure(version: ModelVersion, data: EvaluationSet) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="rfcx-evaluate-") as tmp:
-        run, scorer = load_run(source_run(version), Path(tmp))
+        run, scorer = load_run(source_run(version), Path(tmp), registered=registry.ensemble_folds(version))
         species = species_table(model_runs(run)[0], scorer.cfg, Path(tmp))
         log.info("%s: scoring %d recordings of %s", _name(version), len(data.ids), data.name)
         scored = predicting.predict(scorer, data.ids, data.files)
@@ -247,10 +254,7 @@ def promote(candidate: ModelVersion, alias: str, data: EvaluationSet, min_gain: 
     better by at least ``min_gain``.  Recorded either way: a run of ``<name>-registry``, a tag on the candidate."""
     client = MlflowClient()
     name = candidate.name
-    try:
-        current = client.get_model_version_by_alias(name, alias)
-    except mlflow.exceptions.MlflowException:
-        current = None
+    current = registry.alias_version(name, alias, client)
     for version in (candidate, current):
         if version is not None:
             check_unseen(version, data)
@@ -270,6 +274,10 @@ def promote(candidate: ModelVersion, alias: str, data: EvaluationSet, min_gain: 
             decision = Decision(better, False, f"LWLRAP {ours.lwlrap:.4f} against {theirs.lwlrap:.4f} of version "
                                         f"{current.version} on {data.name}@{data.digest[:8]}: gain {gain:+.4f}, "
                                         f"{verdict}")
+        now = registry.alias_version(name, alias, client)
+        if (now and now.version) != (current and current.version):
+            raise RegistryError(f"@{alias} moved to version {now and now.version} while this command compared "
+                                f"against version {current and current.version}: run it again")
         client.set_registered_model_alias(name, CHALLENGER, candidate.version)
         if decision.promoted:
             client.set_registered_model_alias(name, alias, candidate.version)
@@ -286,7 +294,7 @@ def promote(candidate: ModelVersion, alias: str, data: EvaluationSet, min_gain: 
     return decision
 
 
-@contextmanager
+@contextlib.contextmanager
 def _registry_run(name: str, run_name: str) -> Iterator[mlflow.ActiveRun]:
     """A run of the experiment ``<name>-registry``, made where missing (two commands at once: one makes it).
     Under ``mlflow run``, whose own run is in another experiment, that run is tagged with this one."""
@@ -297,6 +305,9 @@ def _registry_run(name: str, run_name: str) -> Iterator[mlflow.ActiveRun]:
             experiment_id = client.create_experiment(experiment_name(name))
         except mlflow.exceptions.MlflowException:
             experiment_id = client.get_experiment_by_name(experiment_name(name)).experiment_id
+    elif experiment.lifecycle_stage == "deleted":
+        raise RegistryError(f"experiment {experiment_name(name)} is deleted: restore it (mlflow experiments restore "
+                            f"--experiment-id {experiment.experiment_id}) or remove it for good (mlflow gc)")
     else:
         experiment_id = experiment.experiment_id
     launcher = os.environ.pop("MLFLOW_RUN_ID", None)
@@ -339,7 +350,7 @@ def card(version: ModelVersion) -> str:
 
 def _what_it_is(run: Run, trained: list[Run], cfg: Config) -> list[str]:
     kind = (f"the mean of the {len(trained)} fold models of cross-validation run `{run.info.run_id}`"
-            if len(trained) > 1 or run.data.tags.get("cv") == "true"
+            if run.data.tags.get("cv") == "true"
             else f"the best epoch of run `{run.info.run_id}` (fold {run.data.tags.get('fold', '?')})")
     return [f"Scores {cfg.data.n_classes} species in field recordings: {cfg.data.crop_seconds:g} s windows every "
             f"{cfg.data.crop_seconds / 2:g} s, a species' score its maximum over the windows. The model is {kind}, "

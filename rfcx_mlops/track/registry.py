@@ -16,12 +16,13 @@ import pandas as pd
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
-from rfcx_mlops.config import DEFAULT_MODEL
+from rfcx_mlops.config import CHAMPION, DEFAULT_MODEL
 from rfcx_mlops.errors import UserError
+from rfcx_mlops.track.report import missing_store
 
-CHAMPION = "champion"  # the version in use: what predict and serving follow
 CHALLENGER = "challenger"  # the latest version put to the promotion gate, promoted or not
 EVALUATION_METRIC = "lwlrap"  # recording-level LWLRAP on an evaluation set: what the gate compares
+FOLDS_FILE = "folds.txt"  # in a cross-validation version's model: its folds' model ids, one a line
 _URI = re.compile(r"models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))")
 
 
@@ -37,9 +38,6 @@ class ModelRef:
     version: str | None
     alias: str | None
 
-    def __str__(self) -> str:
-        return f"models:/{self.name}" + (f"/{self.version}" if self.version else f"@{self.alias}")
-
 
 def parse(uri: str) -> ModelRef:
     """A registered model's URI, or one line saying what is expected."""
@@ -50,12 +48,21 @@ def parse(uri: str) -> ModelRef:
     return ModelRef(match["name"], match["version"], match["alias"])
 
 
+def has_registry(uri: str) -> bool:
+    """A store with a database behind it (SQLite, PostgreSQL, or a tracking server with one) has a Model Registry."""
+    return "://" in uri and not uri.startswith("file:")
+
+
 def check_store(uri: str) -> None:
-    """The Model Registry needs a database behind the store: SQLite, PostgreSQL, or a tracking server with one."""
-    if "://" not in uri or uri.startswith("file:"):
+    """A store with a registry, and one that exists: reading a missing SQLite file would create it, empty."""
+    if not has_registry(uri):
         raise RegistryError(f"the Model Registry needs a database-backed MLflow store, and {uri} is a folder of "
                             "files: set MLFLOW_TRACKING_URI=sqlite:///mlflow.db (one machine), or to an mlflow "
                             "server whose backend store is PostgreSQL (several)")
+    problem = missing_store(uri)
+    if problem:
+        raise RegistryError(f"{problem}; run this where the runs were made, or set MLFLOW_TRACKING_URI to their "
+                            "store")
 
 
 def resolve(uri: str, client: MlflowClient | None = None) -> ModelVersion:
@@ -70,14 +77,24 @@ def resolve(uri: str, client: MlflowClient | None = None) -> ModelVersion:
         raise RegistryError(f"{uri}: no registered model {ref.name!r} in {mlflow.get_tracking_uri()} "
                             f"(registered: {names})") from None
     try:
-        if ref.alias:
-            return client.get_model_version_by_alias(ref.name, ref.alias)
-        return client.get_model_version(ref.name, ref.version)
+        found = alias_version(ref.name, ref.alias, client) if ref.alias else client.get_model_version(ref.name,
+                                                                                                    ref.version)
     except mlflow.exceptions.MlflowException:
+        found = None
+    if found is None:
         aliases = ", ".join(f"@{a} -> {v}" for a, v in sorted(model.aliases.items())) or "no aliases"
-        versions = [str(v.version) for v in client.search_model_versions(f"name = '{ref.name}'")]
-        raise RegistryError(f"{uri}: model {ref.name!r} has no {'alias ' + ref.alias if ref.alias else 'version ' + ref.version}"
-                            f" (versions: {', '.join(sorted(versions, key=int)) or 'none'}; {aliases})") from None
+        versions = sorted((str(v.version) for v in client.search_model_versions(f"name = '{ref.name}'")), key=int)
+        missing = f"alias {ref.alias}" if ref.alias else f"version {ref.version}"
+        raise RegistryError(f"{uri}: model {ref.name!r} has no {missing} (versions: {', '.join(versions) or 'none'}; "
+                            f"{aliases})")
+    return found
+
+
+def alias_version(name: str, alias: str, client: MlflowClient | None = None) -> ModelVersion | None:
+    """The version of ``name`` that holds ``alias``, or None."""
+    client = client or MlflowClient()
+    version = client.get_registered_model(name).aliases.get(alias)
+    return None if version is None else client.get_model_version(name, str(version))
 
 
 def model_id(version: ModelVersion) -> str:
@@ -88,7 +105,18 @@ def model_id(version: ModelVersion) -> str:
 
 def source_run(version: ModelVersion) -> str:
     """The run that logged the version's model: a training run, or a cross-validation run for its folds' ensemble."""
+    if not version.run_id:
+        raise RegistryError(f"models:/{version.name}/{version.version}: no run of this store logged its model")
     return version.run_id
+
+
+def ensemble_folds(version: ModelVersion) -> list[str] | None:
+    """The fold models a cross-validation version scores with, as it was registered; None for a training run's."""
+    model = MlflowClient().get_logged_model(model_id(version))
+    try:
+        return mlflow.artifacts.load_text(f"{model.artifact_location}/artifacts/{FOLDS_FILE}").split()
+    except (mlflow.exceptions.MlflowException, OSError):
+        return None
 
 
 def evaluations(model_id: str, client: MlflowClient | None = None) -> pd.DataFrame:
@@ -112,12 +140,15 @@ def versions_table(client: MlflowClient | None = None) -> pd.DataFrame:
     rows = []
     for found in client.search_model_versions(order_by=["creation_timestamp DESC"]):
         version = client.get_model_version(found.name, found.version)  # a search leaves the aliases out
-        figures = evaluations(model_id(version), client)
+        try:
+            figures = evaluations(model_id(version), client)
+        except mlflow.exceptions.MlflowException:  # registered from elsewhere, or its model deleted
+            figures = pd.DataFrame()
         rows.append({
             "name": version.name,
             "version": int(version.version),
             "aliases": ", ".join(f"@{a}" for a in sorted(version.aliases)),
-            "run_id": source_run(version)[:8],
+            "run_id": (version.run_id or "")[:8],
             "preset": version.tags.get("preset", ""),
             "created": pd.Timestamp(version.creation_timestamp, unit="ms", tz="UTC").strftime("%Y-%m-%d %H:%M"),
             "evaluations": "; ".join(f"{r[EVALUATION_METRIC]:.4f} on {r['dataset']}@{r['digest'][:8]}"
