@@ -158,17 +158,25 @@ def _run_models(run: mlflow.entities.Run, folder: Path) -> tuple[list[keras.Mode
     return models, [r.info.run_id for r in scored]
 
 
+def training_run(run_id: str) -> mlflow.entities.Run:
+    try:
+        return MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise ModelError(f"run {run_id} not found in {mlflow.get_tracking_uri()}") from None
+
+
+def run_config(run: mlflow.entities.Run) -> Config:
+    try:
+        return runs.logged_config(run)
+    except mlflow.exceptions.MlflowException:
+        raise ModelError(f"run {run.info.run_id} has no config.yaml: not a training run") from None
+
+
 def load_run(run_id: str, folder: Path, hop_seconds: float | None = None,
              registered: list[str] | None = None) -> tuple[mlflow.entities.Run, Scorer]:
     """The run and a ``Scorer`` of its models (``registered``: see ``check_ensemble``)."""
-    try:
-        run = MlflowClient().get_run(run_id)
-    except mlflow.exceptions.MlflowException:
-        raise ModelError(f"run {run_id} not found in {mlflow.get_tracking_uri()}") from None
-    try:
-        cfg = runs.logged_config(run)
-    except mlflow.exceptions.MlflowException:
-        raise ModelError(f"run {run_id} has no config.yaml: not a training run") from None
+    run = training_run(run_id)
+    cfg = run_config(run)
     check_ensemble(run, registered)
     models, ids = _run_models(run, folder)
     log.info("run %s: %d model(s) from %s", run_id, len(models), ", ".join(ids))

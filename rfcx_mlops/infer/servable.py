@@ -146,13 +146,13 @@ def log_servable(model: keras.Model, cfg: Config, folder: Path) -> str:
     return uri
 
 
-def log_ensemble(run_id: str, model_ids: list[str], cfg: Config, n_classes: int, folder: Path) -> str:
+def log_ensemble(run_id: str, model_ids: list[str], cfg: Config, folder: Path) -> str:
     """Log, to the finished run ``run_id``, the pyfunc model scoring with the mean of the logged models
     ``model_ids`` (a cross-validation run's folds); its ``models:/<model id>`` URI."""
     (folder / FOLDS_FILE).write_text("\n".join(model_ids) + "\n")
     experiment_id = mlflow.tracking.MlflowClient().get_run(run_id).info.experiment_id  # not the active one
     model = mlflow.initialize_logged_model(MODEL_DIR, source_run_id=run_id, experiment_id=experiment_id)
-    return _log(cfg, folder, n_classes, {"folds": str(folder / FOLDS_FILE)}, run_id, model.model_id)
+    return _log(cfg, folder, cfg.data.n_classes, {"folds": str(folder / FOLDS_FILE)}, run_id, model.model_id)
 
 
 def _log(cfg: Config, folder: Path, n: int, artifacts: dict[str, str], run_id: str, model_id: str | None = None) -> str:

@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import getpass
 import hashlib
+import io
 import json
 import logging
 import os
@@ -42,7 +43,7 @@ from rfcx_mlops.config import Config
 from rfcx_mlops.data import folder
 from rfcx_mlops.data.evaluation import EvaluationSet, evaluation_set
 from rfcx_mlops.infer import detect
-from rfcx_mlops.infer.scorer import ModelError, load_run, model_runs, model_uri, species_table
+from rfcx_mlops.infer.scorer import load_run, model_runs, model_uri, run_config, species_table, training_run
 from rfcx_mlops.infer.servable import log_ensemble
 from rfcx_mlops.jobs import predict as predicting
 from rfcx_mlops.learn.metrics import lwlrap, species_ap
@@ -61,8 +62,8 @@ def register(run_id: str, name: str, say: Callable[[str], None] = print) -> Mode
     """The version of ``name`` holding the run's model: registered now, or found registered before."""
     check_store(mlflow.get_tracking_uri())
     client = MlflowClient()
-    run = _run(run_id, client)
-    cfg = _config(run)
+    run = training_run(run_id)
+    cfg = run_config(run)
     model_id = _model_of(run, cfg, client).removeprefix("models:/")
     for version in client.search_model_versions(f"name = '{name}'"):
         if registry.model_id(version) == model_id:
@@ -96,20 +97,6 @@ def register(run_id: str, name: str, say: Callable[[str], None] = print) -> Mode
     return version
 
 
-def _run(run_id: str, client: MlflowClient) -> Run:
-    try:
-        return client.get_run(run_id)
-    except mlflow.exceptions.MlflowException:
-        raise ModelError(f"run {run_id} not found in {mlflow.get_tracking_uri()}") from None
-
-
-def _config(run: Run) -> Config:
-    try:
-        return runs.logged_config(run)
-    except mlflow.exceptions.MlflowException:
-        raise ModelError(f"run {run.info.run_id} has no config.yaml: not a training run") from None
-
-
 def _model_of(run: Run, cfg: Config, client: MlflowClient) -> str:
     """The run's logged model; for a cross-validation run the ensemble of its folds', logged the first time."""
     if run.data.tags.get("cv") != "true":
@@ -118,7 +105,7 @@ def _model_of(run: Run, cfg: Config, client: MlflowClient) -> str:
         return run.data.tags[ENSEMBLE_TAG]
     fold_models = [model_uri(r).removeprefix("models:/") for r in model_runs(run)]
     with tempfile.TemporaryDirectory(prefix="rfcx-ensemble-") as tmp:
-        uri = log_ensemble(run.info.run_id, fold_models, cfg, cfg.data.n_classes, Path(tmp))
+        uri = log_ensemble(run.info.run_id, fold_models, cfg, Path(tmp))
     client.set_tag(run.info.run_id, ENSEMBLE_TAG, uri)
     return uri
 
@@ -154,8 +141,8 @@ class Evaluation:
 def evaluation_set_for(version: ModelVersion, data_dir: str, fold: int | None) -> EvaluationSet:
     """The evaluation set ``data_dir`` holds; with ``fold``, the validation recordings of that fold of the
     version's training run (its folds.csv), in the folder it trained on unless ``data_dir`` says otherwise."""
-    run = model_runs(MlflowClient().get_run(source_run(version)))[0]
-    cfg = _config(run)
+    run = model_runs(training_run(source_run(version)))[0]
+    cfg = run_config(run)
     if fold is None:
         return evaluation_set(Path(data_dir), cfg.data.n_classes, cfg.data.sample_rate)
     assigned = _folds(run)
@@ -170,9 +157,7 @@ def evaluation_set_for(version: ModelVersion, data_dir: str, fold: int | None) -
 def _folds(run: Run) -> pd.DataFrame:
     """A training run's folds.csv: recording_id, fold."""
     text = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/folds.csv")
-    from io import StringIO
-
-    return pd.read_csv(StringIO(text), dtype={"recording_id": str})[["recording_id", "fold"]]
+    return pd.read_csv(io.StringIO(text), dtype={"recording_id": str})[["recording_id", "fold"]]
 
 
 def check_unseen(version: ModelVersion, data: EvaluationSet) -> None:
@@ -180,7 +165,7 @@ def check_unseen(version: ModelVersion, data: EvaluationSet) -> None:
     if not data.labelled:
         return
     fingerprint = folder.fingerprint(data.folder)
-    for run in model_runs(MlflowClient().get_run(source_run(version))):
+    for run in model_runs(training_run(source_run(version))):
         if run.data.tags.get("dataset_fingerprint") != fingerprint:
             continue
         assigned = _folds(run)
@@ -332,10 +317,9 @@ def _name(version: ModelVersion) -> str:
 
 def card(version: ModelVersion) -> str:
     """The version's model card in Markdown: what it detects, what it learnt from, how, how well, its limits."""
-    client = MlflowClient()
-    run = client.get_run(source_run(version))
+    run = training_run(source_run(version))
     trained = model_runs(run)
-    cfg = _config(run)
+    cfg = run_config(run)
     with tempfile.TemporaryDirectory(prefix="rfcx-card-") as tmp:
         species = species_table(trained[0], cfg, Path(tmp))
     lines = [f"# {version.name} version {version.version}", ""]
