@@ -19,10 +19,11 @@ import os
 import signal
 import sys
 from types import ModuleType
-from typing import Callable, Iterator
+from typing import Callable
 
 from rfcx_mlops.config import parse_sets
 from rfcx_mlops.errors import UserError
+from rfcx_mlops.files import stderr_to_devnull
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -90,6 +91,25 @@ def overrides_from(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, 
     return {**flags, **parse_sets(args.set)}, sources
 
 
+def add_detection(parser: argparse.ArgumentParser) -> None:
+    """The flags that replace a run's ``detect`` settings for one scoring (predict, score)."""
+    parser.add_argument("--threshold", type=probability, default=None, metavar="X",
+                        help="score a detection needs (default: the run's detect.threshold)")
+    parser.add_argument("--thresholds", default=None, metavar="FILE",
+                        help="a CSV species_id,threshold for the species it lists (default: the run's "
+                             "detect.thresholds_file)")
+    parser.add_argument("--min-gap", type=seconds, default=None, metavar="SECONDS",
+                        help="join a species' detections closer than this (default: the run's detect.min_gap_seconds)")
+
+
+def detection(args: argparse.Namespace) -> dict[str, object]:
+    """The ``detect`` settings ``add_detection``'s flags give (a missing --thresholds file refused)."""
+    if args.thresholds and not os.path.isfile(args.thresholds):
+        raise UserError(f"--thresholds: {args.thresholds} is not a file")
+    given = {"threshold": args.threshold, "thresholds_file": args.thresholds, "min_gap_seconds": args.min_gap}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def add_verbose(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true",
                         help="show the libraries' own logs too (TensorFlow's C++ log, MLflow's progress bars)")
@@ -118,6 +138,10 @@ def non_negative(text: str) -> float:
     return _number(text, lambda v: v >= 0, "a number >= 0")
 
 
+def count(text: str) -> int:
+    return int(_number(text, lambda v: v >= 1 and v == int(v), "a whole number >= 1"))
+
+
 def probability(text: str) -> float:
     return _number(text, lambda v: 0 <= v <= 1, "a number within [0, 1]")
 
@@ -144,25 +168,10 @@ def import_quietly(name: str, verbose: bool) -> ModuleType:
     features, and on a CPU-only machine a cuInit "error"), some of them before any setting
     is read; they go to /dev/null unless ``verbose``.  Python errors are raised as usual.
     """
-    with contextlib.nullcontext() if verbose else _stderr_to_devnull():
+    with contextlib.nullcontext() if verbose else stderr_to_devnull():
         module = importlib.import_module(name)
         importlib.import_module("tensorflow").config.list_physical_devices()
     return module
-
-
-@contextlib.contextmanager
-def _stderr_to_devnull() -> Iterator[None]:
-    """File descriptor 2 to /dev/null: C++ code writes there directly, past ``sys.stderr``."""
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
 
 
 def _interrupt(signum, frame):

@@ -1,9 +1,11 @@
-"""Files written whole or not at all: a reader, or a run resumed after a crash, never finds half of one."""
+"""Files written whole or not at all (a reader, or a run resumed after a crash, never finds half of one), and
+the standard error of C++ libraries kept off the terminal."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -31,3 +33,18 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def stderr_to_devnull() -> Iterator[None]:
+    """File descriptor 2 to /dev/null: C++ code writes there directly, past ``sys.stderr``."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)

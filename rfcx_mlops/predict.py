@@ -30,12 +30,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="exit 3 when the test LWLRAP (the demo data's test_labels.csv) is below X: a gate")
     p.add_argument("--detections", default="", metavar="FILE",
                    help="where the detections go (default: detections.csv beside --out)")
-    p.add_argument("--threshold", type=cli.probability, default=None, metavar="X",
-                   help="score a detection needs (default: the run's detect.threshold)")
-    p.add_argument("--thresholds", default=None, metavar="FILE",
-                   help="a CSV species_id,threshold for the species it lists (default: the run's detect.thresholds_file)")
-    p.add_argument("--min-gap", type=cli.seconds, default=None, metavar="SECONDS",
-                   help="join a species' detections closer than this (default: the run's detect.min_gap_seconds)")
+    cli.add_detection(p)
     p.add_argument("--raven", default="", metavar="DIR",
                    help="also write one Raven Pro selection table per recording into DIR")
     p.add_argument("--audacity", default="", metavar="DIR",
@@ -59,8 +54,7 @@ def check(args: argparse.Namespace) -> None:
         print(f"{args.model}: {version.name} version {version.version}, the model of run {args.run_id}")
     if args.data_dir:
         recordings_to_score(Path(args.data_dir), n_classes=None)
-    if args.thresholds and not Path(args.thresholds).is_file():
-        raise UserError(f"--thresholds: {args.thresholds} is not a file")
+    cli.detection(args)
     for flag in ("raven", "audacity", "plots"):
         folder = getattr(args, flag)
         if folder and Path(folder).exists() and not Path(folder).is_dir():
@@ -69,11 +63,10 @@ def check(args: argparse.Namespace) -> None:
 
 def request(args: argparse.Namespace, job):
     """``job.Request`` (``jobs.predict``) from the flags."""
-    given = {"threshold": args.threshold, "thresholds_file": args.thresholds, "min_gap_seconds": args.min_gap}
     folders = {flag: Path(getattr(args, flag)) if getattr(args, flag) else None
                for flag in ("detections", "raven", "audacity", "plots")}
     return job.Request(args.run_id, Path(args.out), data_dir=args.data_dir, hop=args.hop,
-                       detect={k: v for k, v in given.items() if v is not None},
+                       detect=cli.detection(args),
                        need_labels=args.min_lwlrap is not None, folds=args.folds, **folders)
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -28,7 +30,8 @@ def imported(proc: subprocess.CompletedProcess) -> set[str]:
     return {m.group(1) for m in re.finditer(r"^import time:.*\|\s+(\w+)\s*$", proc.stderr, re.M)}
 
 
-@pytest.mark.parametrize("module", ["train", "tune", "selftrain", "predict", "registry", "report", "synth", "dataset"])
+@pytest.mark.parametrize("module", ["train", "tune", "selftrain", "predict", "score", "registry", "report", "synth",
+                                    "dataset"])
 def test_help_answers_without_tensorflow(module):
     proc = run_cli(module, "--help", importtime=True)
     assert proc.returncode == 0 and proc.stdout.startswith(f"usage: python -m rfcx_mlops.{module}")
@@ -52,6 +55,15 @@ def test_help_answers_without_tensorflow(module):
     ("predict", ["--run-id", "x", "--hop", "abc"],
      "error: argument --hop: expected seconds > 0; got 'abc' (see --help)"),
     ("predict", ["--run-id", "x", "--data-dir", "/no/such/folder"], "error: /no/such/folder: no such folder"),
+    ("score", ["--model", "x", "--audio", "/no/such/folder", "--out", "o"], "error: --audio: /no/such/folder is not a "
+     "folder"),
+    ("score", ["--model", "x", "--audio", str(ROOT / "docs"), "--out", "o"],
+     f"error: --audio: no .flac or .wav file under {ROOT / 'docs'}"),
+    ("score", ["--model", "x", "--audio", ".", "--out", "o", "--workers", "0"],
+     "error: argument --workers: expected a whole number >= 1; got '0' (see --help)"),
+    ("score", ["--model", "x", "--audio", ".", "--out", "o", "--engine", "spark", "--master", "mars"],
+     "error: --master mars: expected local, local[N], local[*], spark://HOST:PORT, yarn or k8s://URL"),
+    ("score", ["--model", "x", "--audio", ".", "--out", "README.md"], "error: --out: README.md is a file, not a folder"),
     ("tune", ["--config", str(TINY), "--n-trials", "0"], "error: --n-trials must be > 0; got 0"),
     ("tune", ["--config", str(TINY), "--timeout", "0"],
      "error: argument --timeout: expected seconds > 0; got '0' (see --help)"),
@@ -121,10 +133,10 @@ def test_readme_commands_use_what_exists():
     point and parameters (with --env-manager local, which a machine without conda needs), or benchmark script,
     or parses with its module's own parser into a valid config.  (Most of them train for hours: the tests run
     their tiny versions.)"""
-    from rfcx_mlops import cli, config, dataset, predict, registry, report, selftrain, synth, train, tune
+    from rfcx_mlops import cli, config, dataset, predict, registry, report, score, selftrain, synth, train, tune
 
     parsers = {m.__name__.split(".")[-1]: m.parse_args
-               for m in (dataset, predict, registry, report, selftrain, synth, train, tune)}
+               for m in (dataset, predict, registry, report, score, selftrain, synth, train, tune)}
     makefile = (ROOT / "Makefile").read_text()
     entry_points = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]
     seen = set()
@@ -156,7 +168,8 @@ def test_readme_commands_use_what_exists():
 
 
 RUN_AS_WRITTEN = ("python -m rfcx_mlops.dataset check", "python -m rfcx_mlops.dataset import-raven",
-                  "python -m rfcx_mlops.report", "python -m rfcx_mlops.predict", "python -m rfcx_mlops.registry")
+                  "python -m rfcx_mlops.report", "python -m rfcx_mlops.predict", "python -m rfcx_mlops.registry",
+                  "python -m rfcx_mlops.score")
 DEMO_DATA = "data/demo/n480-seed0-v3"  # what make demo builds: the tiny data stands in for it
 
 
@@ -171,18 +184,20 @@ def test_the_readme_commands_that_need_no_training_run_as_written(cv_run, tiny_d
            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
     ran = []
     for command in readme_commands():
-        if not command.startswith(RUN_AS_WRITTEN):
+        if not command.startswith(RUN_AS_WRITTEN) or ("--engine spark" in command and not shutil.which("java")):
             continue
         command = re.sub(r"\s*\[[^]]*\]", "", command)  # [optional] parts: the defaults
         command = command.replace("<run id>", cv_run.folds[0].info.run_id).replace("/path/to/rfcx", str(tiny_data))
-        command = command.replace(DEMO_DATA, str(tiny_data))
+        command = command.replace(DEMO_DATA, str(tiny_data)).replace("/path/to/season", str(tiny_data / "train"))
         proc = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=600)
         assert proc.returncode == 0, (command, proc.stderr[-2000:])
         ran.append(command.split()[2])
-    assert sorted(set(ran)) == ["rfcx_mlops.dataset", "rfcx_mlops.predict", "rfcx_mlops.registry", "rfcx_mlops.report"]
+    assert sorted(set(ran)) == ["rfcx_mlops.dataset", "rfcx_mlops.predict", "rfcx_mlops.registry", "rfcx_mlops.report",
+                                "rfcx_mlops.score"]
     assert (tmp_path / "submission.csv").is_file() and (tmp_path / "runs.csv").is_file()
     assert (tmp_path / "champion.csv").is_file()
+    assert len(pd.read_parquet(tmp_path / "scores" / "season-1" / "scores")) == len(list((tiny_data / "train").iterdir()))
     assert client.get_registered_model("rfcx").aliases["champion"] == 1
     assert (tmp_path / "out" / "detections.csv").is_file() and (tmp_path / "my-data" / "species.csv").is_file()
     assert any((tmp_path / "out" / "audacity").iterdir()) and any((tmp_path / "out" / "raven").iterdir())

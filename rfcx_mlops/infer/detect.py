@@ -10,6 +10,7 @@ detections: stretches at or above a species' threshold, merged across gaps short
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,16 @@ class Timeline:
 
     edges: np.ndarray  # (T + 1,)
     scores: np.ndarray  # (T, n_classes)
+
+
+def to_json(line: Timeline) -> str:
+    """A timeline as text (a served model's ``timeline`` column); ``from_json`` reads it back exactly."""
+    return json.dumps({"edges": line.edges.tolist(), "scores": line.scores.tolist()})
+
+
+def from_json(text: str) -> Timeline:
+    values = json.loads(text)
+    return Timeline(np.asarray(values["edges"], float), np.asarray(values["scores"], np.float32))
 
 
 def timeline(starts: np.ndarray, crop: float, window_scores: np.ndarray) -> Timeline:

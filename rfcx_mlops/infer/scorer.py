@@ -8,8 +8,10 @@ models back: its own, or each fold's of a cross-validation run.
 
 from __future__ import annotations
 
+import collections
 import logging
 from pathlib import Path
+from typing import Iterable, Iterator, TypeVar
 
 import keras
 import mlflow
@@ -26,6 +28,7 @@ from rfcx_mlops.learn.model import frame_model
 from rfcx_mlops.track import runs
 
 log = logging.getLogger("rfcx_mlops.scorer")
+K = TypeVar("K")
 MODEL_DIR = "model"  # the run's logged model: runs:/<run id>/model
 WEIGHTS_FILE = "servable.keras"  # the best epoch's weights, without optimizer state, inside the logged model
 
@@ -81,12 +84,53 @@ class Scorer:
     def timeline(self, y: np.ndarray) -> tuple[np.ndarray, detect.Timeline]:
         """``scores(y)``, and the scores over time: of each window (the models' mean), or with an attention head
         of each step within the windows, crop / steps seconds long."""
-        x, starts = self.inputs(y), self.starts(y)
-        windows = self.window_scores(x)
+        return self._line(self.starts(y), *self._predict(self.inputs(y)))
+
+    def timelines(self, recordings: Iterable[tuple[K, np.ndarray]], batch: int
+                  ) -> Iterator[tuple[K, np.ndarray, detect.Timeline]]:
+        """``timeline`` of each ``(key, y)`` in turn, the models fed ``batch`` windows at a time across
+        recordings; only the windows of one recording and one batch are held at once."""
+        queue: collections.deque = collections.deque()  # (key, starts, windows) waiting for their scores
+        waiting = None  # windows not yet scored
+        outputs: list[tuple[np.ndarray, np.ndarray | None]] = []
+        for key, y in recordings:
+            x = self.inputs(y)
+            queue.append((key, self.starts(y), len(x)))
+            waiting = x if waiting is None or not len(waiting) else np.concatenate([waiting, x])
+            full = len(waiting) // batch * batch
+            outputs += [self._predict(waiting[i : i + batch]) for i in range(0, full, batch)]
+            waiting = waiting[full:]
+            yield from self._hand_out(queue, outputs)
+        if waiting is not None and len(waiting):
+            outputs.append(self._predict(waiting))
+        yield from self._hand_out(queue, outputs)
+
+    def _hand_out(self, queue: collections.deque, outputs: list) -> Iterator[tuple]:
+        """The timelines of the recordings at the head of ``queue`` whose windows are all in ``outputs``."""
+        if not outputs:
+            return
+        windows = np.concatenate([w for w, _ in outputs], axis=1)
+        steps = None if outputs[0][1] is None else np.concatenate([s for _, s in outputs])
+        used = 0
+        while queue and queue[0][2] <= windows.shape[1] - used:
+            key, starts, n = queue.popleft()
+            yield key, *self._line(starts, windows[:, used : used + n],
+                                   None if steps is None else steps[used : used + n])
+            used += n
+        outputs[:] = [(windows[:, used:], None if steps is None else steps[used:])] if windows.shape[1] > used else []
+
+    def _predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(models, windows, n_classes): each model's scores of each window (``inputs``); with attention heads
+        also (windows, steps, n_classes): the models' mean score of each step."""
+        steps = None if self.frame_models is None else np.mean(
+            [np.asarray(m.predict_on_batch(x)) for m in self.frame_models], axis=0)
+        return self.window_scores(x), steps
+
+    def _line(self, starts: np.ndarray, windows: np.ndarray, steps: np.ndarray | None
+              ) -> tuple[np.ndarray, detect.Timeline]:
         scores = recording_scores(windows)
-        if self.frame_models is None:
+        if steps is None:
             return scores, detect.timeline(starts, self.crop, windows.mean(axis=0))
-        steps = np.mean([np.asarray(m.predict_on_batch(x)) for m in self.frame_models], axis=0)  # (windows, steps, n)
         step = self.crop / steps.shape[1]
         step_starts = (starts[:, None] + step * np.arange(steps.shape[1])).ravel()
         return scores, detect.timeline(step_starts, step, steps.reshape(-1, steps.shape[2]))
@@ -143,19 +187,22 @@ def check_ensemble(run: mlflow.entities.Run, registered: list[str] | None) -> No
                          f"{', '.join(registered)}; now {', '.join(now)}): register it again")
 
 
-def _run_models(run: mlflow.entities.Run, folder: Path) -> tuple[list[keras.Model], list[str]]:
-    """The logged model (the best epoch's weights) of the run, or of each fold of a cross-validation run."""
-    scored = model_runs(run)
-    models = []
-    for r in scored:
+def model_files(run: mlflow.entities.Run, folder: Path) -> dict[str, Path]:
+    """The Keras file of the logged model (the best epoch's weights) of the run, or of each fold of a
+    cross-validation run, downloaded into ``folder``: by the id of the run that logged it."""
+    files = {}
+    for r in model_runs(run):
         uri = model_uri(r)
         try:
-            path = download_weights(uri, folder / r.info.run_id)
+            files[r.info.run_id] = download_weights(uri, folder / r.info.run_id)
         except mlflow.exceptions.MlflowException as exc:
             raise ModelError(f"run {r.info.run_id}: its model {uri} cannot be read "
                              f"({str(exc).splitlines()[0]})") from None
-        models.append(keras.models.load_model(path, compile=False))
-    return models, [r.info.run_id for r in scored]
+    return files
+
+
+def load_models(files: Iterable[Path]) -> list[keras.Model]:
+    return [keras.models.load_model(path, compile=False) for path in files]
 
 
 def training_run(run_id: str) -> mlflow.entities.Run:
@@ -178,8 +225,9 @@ def load_run(run_id: str, folder: Path, hop_seconds: float | None = None,
     run = training_run(run_id)
     cfg = run_config(run)
     check_ensemble(run, registered)
-    models, ids = _run_models(run, folder)
-    log.info("run %s: %d model(s) from %s", run_id, len(models), ", ".join(ids))
+    files = model_files(run, folder)
+    models = load_models(files.values())
+    log.info("run %s: %d model(s) from %s", run_id, len(models), ", ".join(files))
     return run, Scorer(models, cfg, hop_seconds)
 
 

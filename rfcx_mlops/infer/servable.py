@@ -33,8 +33,12 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, PERMISSION_DEN
 from rfcx_mlops.config import Config, from_dict, to_yaml
 from rfcx_mlops.data import audio
 from rfcx_mlops.errors import ConfigError
-from rfcx_mlops.infer.scorer import MODEL_DIR, WEIGHTS_FILE, Scorer, download_weights
+from rfcx_mlops.infer import detect
+from rfcx_mlops.infer.scorer import MODEL_DIR, WEIGHTS_FILE, Scorer, download_weights, load_models
 from rfcx_mlops.track.registry import FOLDS_FILE
+
+
+ARCHIVE_PARAM = "archive"  # per-row errors, lengths and timelines: see ``SpeciesScorer.predict``
 
 
 def _refuse(message: str, code=INVALID_PARAMETER_VALUE) -> MlflowException:
@@ -85,7 +89,7 @@ class Limits:
         try:
             info = audio.probe(resolved)
         except audio.AudioError as exc:
-            raise _refuse(str(exc).replace(str(resolved), repr(path))) from None
+            raise _refuse(f"path {path!r}: {str(exc).removeprefix(f'{resolved}: ')}") from None
         self.duration(info.duration, f"path {path!r}")
         return info
 
@@ -102,34 +106,61 @@ class SpeciesScorer(mlflow.pyfunc.PythonModel):
         cfg = from_dict(yaml.safe_load(Path(context.artifacts["config"]).read_text()))
         if "folds" in context.artifacts:
             with tempfile.TemporaryDirectory(prefix="rfcx-ensemble-") as tmp:
-                models = [keras.models.load_model(download_weights(f"models:/{model_id}", Path(tmp) / model_id),
-                                                  compile=False)
-                          for model_id in Path(context.artifacts["folds"]).read_text().split()]
+                models = load_models(download_weights(f"models:/{model_id}", Path(tmp) / model_id)
+                                     for model_id in Path(context.artifacts["folds"]).read_text().split())
         else:
-            models = [keras.models.load_model(context.artifacts["keras_model"], compile=False)]
+            models = load_models([Path(context.artifacts["keras_model"])])
         self.scorer = Scorer(models, cfg)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        rate_out = self.scorer.sample_rate
-        scores = []
+        """Each row's species scores.  With ``params={"archive": True}`` (``jobs.score`` on Spark) each row also
+        gets ``seconds`` and its scores over time as ``timeline`` (``detect.to_json``), and a row that cannot
+        be scored gets its reason in ``error`` instead of failing the request."""
+        archive = bool((params or {}).get(ARCHIVE_PARAM))
+        columns = [f"s{i}" for i in range(self.scorer.n_classes)]
+        rows = []
         for row in model_input.to_dict("records"):
-            path, samples = row.get("path"), row.get("audio")
-            if isinstance(path, str) and path:
-                info = self.limits.file(path)
-                y = audio.read_window(info, 0.0, info.duration, rate_out)
-            elif samples is not None and not (np.isscalar(samples) and pd.isna(samples)):
-                rate = int(row.get("sample_rate") or 0)
-                if not 0 < rate <= 384_000:
-                    raise _refuse(f"a row with audio needs its sample_rate (1..384000 Hz); got {rate}")
-                self.limits.duration(len(samples) / rate, "audio")
-                y = np.asarray(samples, dtype=np.float32)
-                if rate != rate_out:
-                    y = audio.resample(y, rate, rate_out)
-            else:
-                raise _refuse("each row needs audio samples and their sample_rate (or a path, where the server "
-                              "reads files)")
-            scores.append(self.scorer.scores(y))
-        return pd.DataFrame(scores, columns=[f"s{i}" for i in range(self.scorer.n_classes)])
+            if not archive:
+                rows.append(dict(zip(columns, self.scorer.scores(self._audio(row)[0]))))
+                continue
+            try:  # one odd file must not fail the others
+                y, seconds = self._audio(row)
+                scores, line = self.scorer.timeline(y)
+            except Exception as exc:  # noqa: BLE001
+                rows.append({"seconds": np.nan, "timeline": "", "error": self._reason(exc, row.get("path"))})
+                continue
+            rows.append({**dict(zip(columns, scores)), "seconds": seconds, "timeline": detect.to_json(line),
+                         "error": ""})
+        return pd.DataFrame(rows, columns=columns + (["seconds", "timeline", "error"] if archive else []))
+
+    def _reason(self, exc: Exception, path) -> str:
+        """Why a row was not scored, without the file's name (the row names it), as the local engine says it."""
+        if isinstance(exc, MlflowException):
+            text = exc.message
+        elif isinstance(exc, audio.AudioError):
+            text = str(exc)
+        else:
+            return f"{type(exc).__name__}: {exc}"
+        if self.limits.audio_root is None or not isinstance(path, str):
+            return text
+        return text.removeprefix(f"path {path!r}: ").removeprefix(f"{(self.limits.audio_root / path).resolve()}: ")
+
+    def _audio(self, row: dict) -> tuple[np.ndarray, float]:
+        """A row's recording at the model's rate, and its length in seconds."""
+        rate_out = self.scorer.sample_rate
+        path, samples = row.get("path"), row.get("audio")
+        if isinstance(path, str) and path:
+            info = self.limits.file(path)
+            return audio.read_window(info, 0.0, info.duration, rate_out), info.duration
+        if samples is None or (np.isscalar(samples) and pd.isna(samples)):
+            raise _refuse("each row needs audio samples and their sample_rate (or a path, where the server "
+                          "reads files)")
+        rate = int(row.get("sample_rate") or 0)
+        if not 0 < rate <= 384_000:
+            raise _refuse(f"a row with audio needs its sample_rate (1..384000 Hz); got {rate}")
+        self.limits.duration(len(samples) / rate, "audio")
+        y = np.asarray(samples, dtype=np.float32)
+        return (audio.resample(y, rate, rate_out) if rate != rate_out else y), len(samples) / rate
 
 
 def log_servable(model: keras.Model, cfg: Config, folder: Path) -> str:
@@ -157,7 +188,7 @@ def log_ensemble(run_id: str, model_ids: list[str], cfg: Config, folder: Path) -
 
 def _log(cfg: Config, folder: Path, n: int, artifacts: dict[str, str], run_id: str, model_id: str | None = None) -> str:
     from mlflow.models import Model, ModelSignature
-    from mlflow.types.schema import Array, ColSpec, DataType, Schema
+    from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
     (folder / "servable.yaml").write_text(to_yaml(cfg))
     signature = ModelSignature(
@@ -165,6 +196,7 @@ def _log(cfg: Config, folder: Path, n: int, artifacts: dict[str, str], run_id: s
                        ColSpec(Array(DataType.double), "audio", required=False),
                        ColSpec(DataType.long, "sample_rate", required=False)]),
         outputs=Schema([ColSpec(DataType.float, f"s{i}") for i in range(n)]),
+        params=ParamSchema([ParamSpec(ARCHIVE_PARAM, DataType.boolean, False)]),
     )
     example = pd.DataFrame({"audio": [[0.0] * 1600], "sample_rate": [16000]})
     info = Model.log(artifact_path=None, flavor=mlflow.pyfunc, run_id=run_id, name=MODEL_DIR,

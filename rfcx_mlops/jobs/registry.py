@@ -64,7 +64,7 @@ def register(run_id: str, name: str, say: Callable[[str], None] = print) -> Mode
     client = MlflowClient()
     run = training_run(run_id)
     cfg = run_config(run)
-    model_id = _model_of(run, cfg, client).removeprefix("models:/")
+    model_id = servable_uri(run, cfg, client).removeprefix("models:/")
     for version in client.search_model_versions(f"name = '{name}'"):
         if registry.model_id(version) == model_id:
             say(f"run {run_id} is already {name} version {version.version} (models:/{name}/{version.version})")
@@ -97,7 +97,7 @@ def register(run_id: str, name: str, say: Callable[[str], None] = print) -> Mode
     return version
 
 
-def _model_of(run: Run, cfg: Config, client: MlflowClient) -> str:
+def servable_uri(run: Run, cfg: Config, client: MlflowClient) -> str:
     """The run's logged model; for a cross-validation run the ensemble of its folds', logged the first time."""
     if run.data.tags.get("cv") != "true":
         return model_uri(run)

@@ -112,7 +112,12 @@ def source_run(version: ModelVersion) -> str:
 
 def ensemble_folds(version: ModelVersion) -> list[str] | None:
     """The fold models a cross-validation version scores with, as it was registered; None for a training run's."""
-    model = MlflowClient().get_logged_model(model_id(version))
+    return logged_folds(model_id(version))
+
+
+def logged_folds(model_id: str) -> list[str] | None:
+    """The fold models a logged ensemble model (``servable.log_ensemble``) scores with; None for another model."""
+    model = MlflowClient().get_logged_model(model_id)
     try:
         return mlflow.artifacts.load_text(f"{model.artifact_location}/artifacts/{FOLDS_FILE}").split()
     except (mlflow.exceptions.MlflowException, OSError):

@@ -23,15 +23,15 @@ from rfcx_mlops.config import DEFAULT_EXPERIMENT, Config, flatten, from_dict, to
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 
 
-def use_default_experiment() -> None:
-    """Log to $MLFLOW_EXPERIMENT_NAME or ``rfcx``, unless ``mlflow run`` or $MLFLOW_EXPERIMENT_ID chose one.
+def use_default_experiment(default: str = DEFAULT_EXPERIMENT) -> None:
+    """Log to $MLFLOW_EXPERIMENT_NAME or ``default``, unless ``mlflow run`` or $MLFLOW_EXPERIMENT_ID chose one.
 
     Workers started together against a fresh tracking server race to create the
     experiment: the loser uses the winner's.
     """
     if os.environ.get("MLFLOW_RUN_ID") or os.environ.get("MLFLOW_EXPERIMENT_ID"):
         return
-    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or default
     try:
         mlflow.set_experiment(name)
     except mlflow.exceptions.MlflowException as exc:
