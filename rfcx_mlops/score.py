@@ -17,8 +17,7 @@ from urllib.parse import urlparse
 from rfcx_mlops import cli
 from rfcx_mlops.errors import UserError
 
-CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-_MASTER = re.compile(r"local(\[(\d+|\*)\])?|spark://\S+|yarn|k8s://\S+|mesos://\S+")
+_MASTER = re.compile(r"local(\[(\d+|\*)\])?|spark://\S+|yarn|k8s://\S+")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -36,8 +35,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="local: worker processes on this machine (default); spark: a Spark application")
     p.add_argument("--master", default="local[*]", metavar="URL",
                    help="with --engine spark: the Spark master (default local[*]; spark://HOST:PORT, yarn, k8s://...)")
-    p.add_argument("--workers", type=lambda s: cli.count(s) if s else CORES, default=CORES,
-                   help=f"worker processes, each on one core (default: the cores this process may use, {CORES})")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    p.add_argument("--workers", type=lambda s: cli.count(s) if s else cores, default=cores,
+                   help=f"worker processes, each on one core (default: the cores this process may use, {cores})")
     p.add_argument("--chunk", type=cli.count, default=16,
                    help="recordings committed at a time (default 16; on Spark, a job is CHUNK recordings a core)")
     p.add_argument("--batch", type=cli.count, default=32, help="windows the model scores at a time (default 32)")

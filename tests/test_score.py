@@ -17,7 +17,7 @@ import pytest
 import soundfile as sf
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, free_port
+from conftest import free_port
 from rfcx_mlops.data import archive
 from rfcx_mlops.data.archive import ArchiveError, Out, Recording
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import logging
 import multiprocessing
 import os
 import sys
@@ -34,7 +33,6 @@ from rfcx_mlops.infer.scorer import (check_ensemble, model_files, model_runs, mo
                                      species_table, training_run)
 from rfcx_mlops.track import runs
 
-log = logging.getLogger("rfcx_mlops.score")
 EXPERIMENT = "rfcx-score"
 RAVEN_DIR = "raven"
 
@@ -122,7 +120,7 @@ def run(request: Request, say: Callable[[str], None] = print) -> Done:
     with tempfile.TemporaryDirectory(prefix="rfcx-score-") as tmp:
         the = plan(request, Path(tmp))
         try:
-            return _run(request, the, Path(tmp), say)
+            return _run(request, the, say)
         finally:
             if the.spark is not None:
                 from rfcx_mlops.jobs import spark
@@ -130,7 +128,7 @@ def run(request: Request, say: Callable[[str], None] = print) -> Done:
                 spark.stop(the.spark, Path(tmp) / spark.LOG_FILE, request.out)
 
 
-def _run(request: Request, the: _Plan, tmp: Path, say: Callable[[str], None]) -> Done:
+def _run(request: Request, the: _Plan, say: Callable[[str], None]) -> Done:
     runs.use_default_experiment(EXPERIMENT)
     name = f"score-{request.audio.resolve().name}"
     with Out(request.out).opened(the.job) as out, runs.tracked_run(run_name=name) as mlrun:
@@ -166,10 +164,9 @@ def _commit_all(results: Iterator[tuple[int, Chunk]], out: Out, the: _Plan, requ
             audio_s += float(chunk.scores["seconds"].sum())
             bar.set_postfix_str(f"{audio_s / (time.perf_counter() - start):.0f} audio h/h, {failed} failed")
             bar.update(len(chunk.manifest))
-    mlflow.log_metrics({"scored": scored, "failed": failed, "audio_hours": audio_s / 3600,
-                        "seconds": time.perf_counter() - start,
-                        "recordings_per_s": (scored + failed) / max(time.perf_counter() - start, 1e-9),
-                        "audio_hours_per_hour": audio_s / max(time.perf_counter() - start, 1e-9)})
+    seconds = max(time.perf_counter() - start, 1e-9)
+    mlflow.log_metrics({"scored": scored, "failed": failed, "audio_hours": audio_s / 3600, "seconds": seconds,
+                        "recordings_per_s": (scored + failed) / seconds, "audio_hours_per_hour": audio_s / seconds})
     return scored, failed
 
 
@@ -242,9 +239,9 @@ def _local(request: Request, the: _Plan, todo: list[Recording], first: int) -> I
     running: dict[concurrent.futures.Future, int] = {}
     try:
         def submit() -> None:
-            for chunk_no, recordings in waiting:
+            chunk_no, recordings = next(waiting, (None, None))
+            if recordings:
                 running[pool.submit(archive.score_chunk, recordings)] = chunk_no
-                return
 
         for _ in range(2 * request.workers):  # one a worker, one waiting: no worker idles between chunks
             submit()
