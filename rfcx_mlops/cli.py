@@ -17,7 +17,9 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
+import threading
 from types import ModuleType
 from typing import Callable
 
@@ -26,6 +28,8 @@ from rfcx_mlops.errors import UserError
 from rfcx_mlops.files import stderr_to_devnull
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# What a training command says the moment it is interrupted: Keras stops between steps only.
+STOPPING = "stopping after the current training step..."
 
 
 class Exit(enum.IntEnum):
@@ -38,14 +42,16 @@ class Exit(enum.IntEnum):
     INTERRUPTED = 130  # Ctrl-C or SIGTERM
 
 
-def run(command: Callable[[argparse.Namespace], int], args: argparse.Namespace, interrupted: str = "") -> int:
+def run(command: Callable[[argparse.Namespace], int], args: argparse.Namespace, interrupted: str = "",
+        stopping: str = "") -> int:
     """``command(args)``'s exit code, with the libraries quietened; a ``UserError`` is one line on stderr and
-    ``Exit.USER_ERROR``, an interruption (Ctrl-C, or SIGTERM as ``mlflow run`` sends it) says ``interrupted``
-    and is ``Exit.INTERRUPTED``."""
+    ``Exit.USER_ERROR``, an interruption (Ctrl-C, or SIGTERM as ``mlflow run`` sends it) says ``stopping`` at
+    once (where given), then ``interrupted`` when it has stopped, and is ``Exit.INTERRUPTED``."""
     setup(getattr(args, "verbose", False))
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return int(command(args))
+        with _said_at_once(stopping):
+            return int(command(args))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return Exit.USER_ERROR
@@ -108,6 +114,12 @@ def detection(args: argparse.Namespace) -> dict[str, object]:
         raise UserError(f"--thresholds: {args.thresholds} is not a file")
     given = {"threshold": args.threshold, "thresholds_file": args.thresholds, "min_gap_seconds": args.min_gap}
     return {k: v for k, v in given.items() if v is not None}
+
+
+def add_force(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force", action="store_true",
+                        help="train even where a run's estimated peak memory exceeds what this machine has "
+                             "(docs/experiments.md, \"Memory\")")
 
 
 def add_verbose(parser: argparse.ArgumentParser) -> None:
@@ -176,3 +188,36 @@ def import_quietly(name: str, verbose: bool) -> ModuleType:
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _said_at_once(message: str):
+    """Print ``message`` the moment Ctrl-C or SIGTERM arrives.
+
+    Python runs a signal's handler in the main thread between bytecodes, so while the main thread is
+    in one long call into a library (a training step) the interrupt waits; the byte the signal writes
+    to the wakeup fd reaches this thread at once.  Leaving, the thread is joined: the message comes
+    before whatever the main thread says about the interruption.
+    """
+    if not message or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    receive, send = socket.socketpair()
+    send.setblocking(False)
+    previous = signal.set_wakeup_fd(send.fileno(), warn_on_full_buffer=False)
+
+    def watch() -> None:
+        while byte := receive.recv(1):
+            if byte[0] in (signal.SIGINT, signal.SIGTERM):
+                print(message, file=sys.stderr, flush=True)
+                return
+
+    watcher = threading.Thread(target=watch, name="interrupt-notice", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous)
+        send.close()  # the watcher reads what came, then the end
+        watcher.join()
+        receive.close()

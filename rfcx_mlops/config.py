@@ -109,7 +109,8 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 10
-    batch_size: int = 32
+    batch_size: int = 32  # samples per optimizer step
+    accumulate_steps: int = 1  # each step's gradient summed over this many micro-batches: less memory, same step
     learning_rate: float = 1e-3
     lr_schedule: str = "constant"  # constant | cosine
     warmup_epochs: int = 0
@@ -189,8 +190,8 @@ _CHOICES = {
 _POSITIVE = (
     "data.sample_rate", "data.n_classes", "data.crop_seconds", "data.demo_recordings",
     "features.n_fft", "features.hop_length", "features.n_mels", "features.frames", "features.top_db",
-    "model.dense_units", "train.epochs", "train.batch_size", "train.learning_rate", "pseudo.rounds",
-    "pseudo.patience",
+    "model.dense_units", "train.epochs", "train.batch_size", "train.accumulate_steps", "train.learning_rate",
+    "pseudo.rounds", "pseudo.patience",
 )
 _PROBABILITIES = (
     "augment.noise_p", "augment.pitch_p", "augment.time_shift_p", "augment.volume_p", "augment.time_mask_p",
@@ -237,6 +238,9 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be >= 32 (ResNet50 downsamples by 32); got {flat[key]}")
     if cfg.features.backend == "tensorflow" and cfg.augment.enabled and cfg.augment.domain != "spectrogram":
         raise ConfigError("features.backend: tensorflow needs augment.domain: spectrogram")
+    if cfg.train.batch_size % cfg.train.accumulate_steps:
+        raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be a multiple of train.accumulate_steps "
+                          f"({cfg.train.accumulate_steps}): a step's micro-batches are all the same size")
     if cfg.train.warmup_epochs and cfg.train.lr_schedule == "constant":
         raise ConfigError("train.warmup_epochs needs train.lr_schedule: cosine")
     if cfg.model.activation == "softmax" and cfg.model.loss == "masked":

@@ -32,6 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", default="", metavar="RUN_ID",
                         help="a self-training run to continue after its last finished round (with its own config; "
                              "--rounds may extend it)")
+    cli.add_force(parser)
     cli.add_verbose(parser)
     return parser.parse_args(argv)
 
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
                           f"pseudo-labelled ones); got {cfg.train.batch_size}")
     detect.thresholds(cfg.pseudo, cfg.data.n_classes)  # every line of pseudo.thresholds_file, before any training
     jobs = cli.import_quietly("rfcx_mlops.jobs.selftrain", args.verbose)
-    run_id, rounds = jobs.selftrain(cfg, args.fold, teacher=args.teacher or None)
+    run_id, rounds = jobs.selftrain(cfg, args.fold, teacher=args.teacher or None, force=args.force)
     _summary(run_id, rounds, cfg.train.monitor)
     return cli.Exit.OK
 
@@ -67,7 +68,7 @@ def _resume(args: argparse.Namespace, overrides: dict[str, str]) -> int:
     cfg, fold = jobs.resumable(args.resume)
     if args.rounds:
         cfg = with_overrides(cfg, {"pseudo.rounds": args.rounds})
-    run_id, rounds = jobs.selftrain(cfg, fold, resume=args.resume)
+    run_id, rounds = jobs.selftrain(cfg, fold, resume=args.resume, force=args.force)
     _summary(run_id, rounds, cfg.train.monitor)
     return cli.Exit.OK
 
@@ -80,7 +81,8 @@ def _summary(run_id: str, rounds, monitor: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     return cli.run(run, parse_args(argv),
-                   interrupted="the self-training is marked KILLED; --resume RUN_ID continues it")
+                   interrupted="the self-training is marked KILLED; --resume RUN_ID continues it",
+                   stopping=cli.STOPPING)
 
 
 if __name__ == "__main__":

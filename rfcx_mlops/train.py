@@ -24,6 +24,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", default="experiments/seed.yaml", help="preset file (default experiments/seed.yaml)")
     cli.add_overrides(parser, "model.bn_momentum=0.9")
     parser.add_argument("--resume", default="", help="run id to continue from its last checkpoint")
+    cli.add_force(parser)
     cli.add_verbose(parser)
     return parser.parse_args(argv)
 
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             raise ConfigError(f"--fold {fold}: {exc}") from None
     fit = cli.import_quietly("rfcx_mlops.jobs.fit", args.verbose)
-    cv_run_id, results = fit.train(cfg, fold)
+    cv_run_id, results = fit.train(cfg, fold, force=args.force)
     for r in results:
         _print_fold(cfg, r)
     if cv_run_id is None:
@@ -68,7 +69,7 @@ def _resume(args: argparse.Namespace, overrides: dict[str, str], fold: int | Non
     if fold is None:
         raise ConfigError("resume continues one fold's run: pass its run id without --fold all")
     fit = cli.import_quietly("rfcx_mlops.jobs.fit", args.verbose)
-    cfg, result = fit.resume(args.resume)
+    cfg, result = fit.resume(args.resume, force=args.force)
     if result is None:
         print(f"run {args.resume} has finished: nothing left to train")
     else:
@@ -82,7 +83,8 @@ def _print_fold(cfg: Config, result) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.run(run, parse_args(argv), interrupted="the run is marked KILLED; its checkpoints so far are kept")
+    return cli.run(run, parse_args(argv), interrupted="the run is marked KILLED; its checkpoints so far are kept",
+                   stopping=cli.STOPPING)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep-models", action="store_true",
                    help="log each trial's servable model (about 100 MB each for ResNet50); by default trials keep "
                         "their metrics and plots, and the best configuration is retrained")
+    cli.add_force(p)
     cli.add_verbose(p)
     p.add_argument("--heartbeat", type=int, default=60,
                    help="seconds between a running trial's heartbeats; a trial silent for 3 of them is "
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     studies.scheme(args.storage)
     tuning = cli.import_quietly("rfcx_mlops.jobs.tune", args.verbose)
     settings = tuning.Tuning(args.config, args.search, args.storage, args.study_name or cfg.name, args.n_trials,
-                             args.timeout, folds, args.keep_models, args.heartbeat)
+                             args.timeout, folds, args.keep_models, args.heartbeat, args.force)
     study, best, failed_with = tuning.run(cfg, space, settings)
     _summary(study, tuning.state_counts(study), best, args, overrides, cfg)
     if failed_with:
@@ -119,7 +120,8 @@ def _summary(study, counts: dict[str, int], best: dict[str, Any] | None, args: a
 
 def main(argv: list[str] | None = None) -> int:
     return cli.run(run, parse_args(argv),
-                   interrupted="the running trial is marked failed and queued to run first next time")
+                   interrupted="the running trial is marked failed and queued to run first next time",
+                   stopping=cli.STOPPING)
 
 
 if __name__ == "__main__":

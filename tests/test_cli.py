@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -201,3 +205,23 @@ def test_the_readme_commands_that_need_no_training_run_as_written(cv_run, tiny_d
     assert client.get_registered_model("rfcx").aliases["champion"] == 1
     assert (tmp_path / "out" / "detections.csv").is_file() and (tmp_path / "my-data" / "species.csv").is_file()
     assert any((tmp_path / "out" / "audacity").iterdir()) and any((tmp_path / "out" / "raven").iterdir())
+
+
+def test_a_training_command_says_at_once_that_it_will_stop(capfd):
+    """The main thread busy in a long call (numpy's, as a training step is TensorFlow's) sees Ctrl-C when it returns;
+    the notice comes the moment the signal does, and before what the command says after stopping."""
+    import numpy as np
+
+    from rfcx_mlops import cli
+
+    def command(args):
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+        start = time.perf_counter()
+        a = np.ones((1500, 1500))
+        while time.perf_counter() - start < 2:
+            a @ a  # the interrupt waits for the product
+        return 0
+
+    code = cli.run(command, argparse.Namespace(verbose=False), interrupted="kept", stopping=cli.STOPPING)
+    assert code == cli.Exit.INTERRUPTED
+    assert capfd.readouterr().err.splitlines()[-2:] == [cli.STOPPING, "interrupted: kept"]

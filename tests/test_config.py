@@ -109,7 +109,7 @@ def test_bad_values_name_the_key(overrides, message):
 def test_unknown_override_is_not_blamed_on_the_preset():
     with pytest.raises(ConfigError) as err:
         config.load(ROOT / "experiments" / "seed.yaml", {"train.epoch": 3})
-    assert str(err.value).startswith("unknown config key train.epoch (known in train: batch_size, cache_audio,")
+    assert str(err.value).startswith("unknown config key train.epoch (known in train: accumulate_steps, batch_size, cache_audio,")
     with pytest.raises(ConfigError, match=r"unknown config key seed.x \(seed is a value, not a section\)"):
         config.load(None, {"seed.x": 1})
 

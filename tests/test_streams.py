@@ -42,7 +42,7 @@ def test_no_two_purposes_of_a_training_run_share_a_stream(tiny_data, monkeypatch
         return sequence
 
     monkeypatch.setattr(streams, "seed_sequence", recorded)
-    batches = fit._fold_batches(cfg, 1, fit.prepare(cfg)).train
+    batches = fit.fold_batches(cfg, 1, fit.prepare(cfg)).train
     for _ in range(2):
         for index in range(len(batches)):
             batches[index]

@@ -78,6 +78,8 @@ def test_entry_point_params_reach_the_run(mlflow_run):
     assert p["features.n_mels"] == "32" and p["run.name"] == "tiny"
     assert p["epochs"] == "2"  # what `mlflow run` itself logged: the request
     assert Path(p["data.data_dir"]).name == "tiny"
+    # the process, 6 samples of 32 x 64 images, the 2.5 s windows' audio and the validation images
+    assert 2.0 < float(p["memory_estimate_gb"]) < 2.1
 
 
 def test_run_metrics_tags_and_status(mlflow_run):
@@ -396,3 +398,23 @@ def test_a_run_of_hours_on_a_cpu_says_so_in_one_line(caplog):
     assert len(caplog.records) == 1
     assert re.fullmatch(r"no GPU here: seed takes about \d+ min an epoch on this CPU \(\d+ cores\), [\d.]+ h for 10 "
                         r"epochs; experiments/quick.yaml is sized for a CPU", caplog.records[0].getMessage())
+
+
+def test_a_run_with_long_steps_on_a_cpu_says_how_long_ctrl_c_takes(caplog):
+    import tensorflow as tf
+
+    from rfcx_mlops.jobs import fit
+
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("a GPU is here: its steps are short")
+    seed = config.load(ROOT / "experiments" / "seed.yaml")
+    with caplog.at_level("INFO", logger="rfcx_mlops.fit"):
+        fit._warn_without_gpu(seed, 811)
+        fit._warn_without_gpu(config.load(ROOT / "experiments" / "seed.yaml", {"train.accumulate_steps": 4}), 811)
+        fit._warn_without_gpu(config.load(ROOT / "experiments" / "quick.yaml"), 321)  # steps of a second: no line
+    said = [r.getMessage() for r in caplog.records if "Ctrl-C" in r.getMessage()]
+    step = 128 * 1876 / (fit.CPU_PIXELS_PER_CORE_SECOND * (os.cpu_count() or 1))  # a sample's seconds
+    assert said == [f"Ctrl-C takes effect after the current step, about {32 * step:.0f} s on this CPU (micro-batches "
+                    "of 32; train.accumulate_steps makes them smaller)",
+                    f"Ctrl-C takes effect after the current step, about {8 * step:.0f} s on this CPU (micro-batches "
+                    "of 8; train.accumulate_steps makes them smaller)"]

@@ -366,7 +366,9 @@ def test_interrupted_study_queues_its_running_trial(tiny_data, tmp_path):
     proc.send_signal(signal.SIGTERM)  # what `mlflow run` sends on Ctrl-C
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-3000:]
-    assert "queued to run first next time" in err
+    said = err.strip().splitlines()
+    assert said[-1].endswith("queued to run first next time")
+    assert "stopping after the current training step..." in said[:-1]  # at once, before the step ends
     interrupted, queued = optuna.load_study(study_name="shared", storage=storage).trials
     assert interrupted.state == TrialState.FAIL and queued.state == TrialState.WAITING
     assert queued.system_attrs["fixed_params"] == interrupted.params

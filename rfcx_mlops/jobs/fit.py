@@ -32,6 +32,7 @@ from rfcx_mlops.errors import ConfigError
 from rfcx_mlops.infer import detect
 from rfcx_mlops.infer.scorer import Scorer, window_starts
 from rfcx_mlops.infer.servable import log_servable
+from rfcx_mlops.learn import memory
 from rfcx_mlops.learn.batches import (Batches, Samples, SpectrogramBatches, make_batches, make_samples,
                                      reuse_freed_memory)
 from rfcx_mlops.learn.metrics import lwlrap, species_ap
@@ -44,6 +45,7 @@ log = logging.getLogger("rfcx_mlops.fit")
 GRID_SAMPLES = 4
 # ResNet50 training on a CPU: 1.13 samples/s of 128 x 1876 images on 2 cores (benchmarks/train_step.py)
 CPU_PIXELS_PER_CORE_SECOND = 1.13 * 128 * 1876 / 2
+SLOW_STEP_SECONDS = 5.0  # from here, a run on a CPU says how long Ctrl-C will take
 
 
 @dataclass(frozen=True)
@@ -157,17 +159,23 @@ def _random_windows(pool: list[str], recordings: dict[str, AudioInfo], cfg: Conf
 
 @functools.cache
 def _warn_without_gpu(cfg: Config, samples_per_epoch: int) -> None:
-    """One line where a run would take hours on this machine's CPU: the estimate and the CPU-sized preset."""
+    """Where a run would take hours on this machine's CPU, one line: the estimate and the CPU-sized preset.
+    Where a step takes long, one line on how long Ctrl-C takes: Keras looks for it between steps only."""
     import tensorflow as tf
 
     if tf.config.list_physical_devices("GPU"):
         return
     cores = os.cpu_count() or 1
-    epoch = samples_per_epoch * cfg.features.n_mels * cfg.features.frames / (CPU_PIXELS_PER_CORE_SECOND * cores)
+    seconds = cfg.features.n_mels * cfg.features.frames / (CPU_PIXELS_PER_CORE_SECOND * cores)  # a sample's
+    epoch = samples_per_epoch * seconds
     if epoch * cfg.train.epochs > 3600:
         log.warning("no GPU here: %s takes about %.0f min an epoch on this CPU (%d cores), %.1f h for %d epochs; "
                     "experiments/quick.yaml is sized for a CPU", cfg.name, epoch / 60, cores,
                     epoch * cfg.train.epochs / 3600, cfg.train.epochs)
+    step = memory.micro_batch(cfg) * seconds
+    if step >= SLOW_STEP_SECONDS:
+        log.info("Ctrl-C takes effect after the current step, about %.0f s on this CPU (micro-batches of %d; "
+                 "train.accumulate_steps makes them smaller)", step, memory.micro_batch(cfg))
 
 
 def _validation_scores(model: keras.Model, batches: Batches, fold: int) -> tuple[pd.Series, pd.DataFrame]:
@@ -199,11 +207,35 @@ class _Start:
     best_weights: list[np.ndarray] | None = None
 
 
-def _new_run(cfg: Config, fold: int, data: Dataset, batches: _FoldBatches, scratch: Path,
-             tags: dict[str, str], student: Student | None) -> _Start:
-    """A fresh run's record (config, tags, data set, folds, augmentation samples, a student's pseudo-labels)
-    and its new model."""
+def check_memory(cfg: Config, batches: FoldBatches, force: bool = False) -> memory.Estimate:
+    """The run's peak memory, estimated (``learn.memory``) and held against what this machine has: a run that
+    cannot fit is refused (``memory.MemoryRefused``) unless ``force``, one that barely fits is a warning."""
+    import tensorflow as tf
+
+    gpus = len(tf.config.list_physical_devices("GPU"))
+    replicas = gpus if cfg.train.distribute else min(gpus, 1)
+    estimated = memory.estimate(cfg, len(batches.train.samples), len(batches.val.samples), replicas)
+    free = memory.gpu_free() if gpus else None
+    if gpus and free is None:
+        log.info("memory: about %.1f GB of the GPU's; its free memory is unknown (no nvidia-smi): not checked",
+                 estimated.total / memory.GB)
+        return estimated
+    available, where = (free, "the GPU has") if gpus else (memory.ram_available(), "available RAM is")
+    warning = memory.check(cfg, estimated, available, where, force)
+    if warning:
+        log.warning("%s", warning)
+    log.info("memory: about %.1f GB at the peak (process %.1f, step %.1f, caches %.1f); %s %.1f GB", estimated.total
+             / memory.GB, estimated.process / memory.GB, estimated.step / memory.GB, estimated.caches / memory.GB,
+             where, available / memory.GB)
+    return estimated
+
+
+def _new_run(cfg: Config, fold: int, data: Dataset, batches: FoldBatches, scratch: Path,
+             tags: dict[str, str], student: Student | None, estimated: memory.Estimate) -> _Start:
+    """A fresh run's record (config, memory estimate, tags, data set, folds, augmentation samples, a student's
+    pseudo-labels) and its new model."""
     runs.log_config(cfg)
+    mlflow.log_param("memory_estimate_gb", round(estimated.total / memory.GB, 2))
     digest = folder.fingerprint(data.data_dir)
     mlflow.set_tags(runs.tags(cfg, fold=fold, dataset_fingerprint=digest, device=runs.device(),
                               **runs.data_tags(data.data_dir, data.demo), **tags))
@@ -216,7 +248,7 @@ def _new_run(cfg: Config, fold: int, data: Dataset, batches: _FoldBatches, scrat
     if student is not None:
         _log_pseudo_labels(student, scratch)
     with precision_and_devices(cfg):
-        model = build(cfg, len(batches.train))
+        model = build(cfg, batches.train.steps)
         if student is not None and student.init is not None:
             model.set_weights(keras.models.load_model(student.init, compile=False).get_weights())
         return _Start(model, for_training(model, cfg))
@@ -290,7 +322,7 @@ def prepare(cfg: Config) -> Dataset:
 
 
 @dataclass(frozen=True)
-class _FoldBatches:
+class FoldBatches:
     """A fold's recordings (``folds.assign_folds``), validation calls and batches."""
 
     assigned: pd.Series
@@ -299,7 +331,8 @@ class _FoldBatches:
     val: Batches
 
 
-def _fold_batches(cfg: Config, fold: int, data: Dataset, pseudo: Samples | None = None) -> _FoldBatches:
+def fold_batches(cfg: Config, fold: int, data: Dataset, pseudo: Samples | None = None) -> FoldBatches:
+    """Fold ``fold``'s training and validation batches (the training ones with ``pseudo``'s windows)."""
     check_fold(cfg, fold)
     folder.check_crop(cfg, data)
     assigned = folds.assign_folds(data.tp, cfg.folds.n_splits, cfg.seed)
@@ -313,20 +346,20 @@ def _fold_batches(cfg: Config, fold: int, data: Dataset, pseudo: Samples | None 
         if set(pseudo.recording_ids) & set(val_events["recording_id"]):
             raise ValueError(f"pseudo-labelled windows in the validation recordings of fold {fold}")
         train_samples = train_samples + pseudo
-    batches = _FoldBatches(assigned, val_events,
-                           make_batches(train_samples, data.recordings, cfg, training=True, workers=workers),
-                           make_batches(val_samples, data.recordings, cfg, training=False, workers=workers))
-    _warn_without_gpu(cfg, batches.train.samples_per_epoch)
+    batches = FoldBatches(assigned, val_events,
+                          make_batches(train_samples, data.recordings, cfg, training=True, workers=workers),
+                          make_batches(val_samples, data.recordings, cfg, training=False, workers=workers))
     pseudo_labelled = f" ({train_samples.pseudo.sum()} pseudo-labelled)" if pseudo is not None else ""
-    log.info("fold %d: %d training windows%s and %d validation windows, %d steps an epoch",
-             fold, len(train_samples), pseudo_labelled, len(val_samples), len(batches.train))
+    micro = f" of {cfg.train.accumulate_steps} micro-batches" if cfg.train.accumulate_steps > 1 else ""
+    log.info("fold %d: %d training windows%s and %d validation windows, %d steps%s an epoch",
+             fold, len(train_samples), pseudo_labelled, len(val_samples), batches.train.steps, micro)
     return batches
 
 
 def train_fold(cfg: Config, fold: int, *, data: Dataset | None = None, resume: str | None = None,
                parent_run_id: str | None = None, callbacks: tuple[keras.callbacks.Callback, ...] = (),
                tags: dict[str, str] | None = None, run_name: str | None = None,
-               log_model: bool = True, student: Student | None = None) -> FoldResult:
+               log_model: bool = True, student: Student | None = None, force: bool = False) -> FoldResult:
     """Train ``fold`` (1..n_splits) of ``cfg`` in an MLflow run (named ``run_name``, by default
     <preset>-fold<fold>); ``resume`` continues an earlier run by its id.
 
@@ -334,9 +367,12 @@ def train_fold(cfg: Config, fold: int, *, data: Dataset | None = None, resume: s
     ``student``: a self-training round's pseudo-labelled windows, trained on with the fold's own.
     A finished run keeps the best epoch's weights as its servable model (unless ``log_model`` is
     false) and drops the checkpoints it could have resumed from (``train.keep_checkpoint``).
+    A run estimated to need more memory than the machine has is refused before it starts, unless ``force``.
     """
     data = data or prepare(cfg)
-    batches = _fold_batches(cfg, fold, data, student and student.samples)
+    batches = fold_batches(cfg, fold, data, student and student.samples)
+    estimated = check_memory(cfg, batches, force)
+    _warn_without_gpu(cfg, batches.train.samples_per_epoch)
     if resume:
         checkpoints.check_resumable(resume)
     with runs.tracked_run(run_id=resume, run_name=run_name or f"{cfg.name}-fold{fold}",
@@ -349,13 +385,13 @@ def train_fold(cfg: Config, fold: int, *, data: Dataset | None = None, resume: s
             start = _resumed_run(cfg, run, scratch)
             batches.train.set_epoch(start.epoch)
         else:
-            start = _new_run(cfg, fold, data, batches, scratch, tags or {}, student)
+            start = _new_run(cfg, fold, data, batches, scratch, tags or {}, student, estimated)
         logger = _fit(cfg, start, batches, data, scratch, callbacks)
         result = _finish(cfg, fold, run.info.run_id, logger, batches, data, scratch, log_model)
     return result
 
 
-def _fit(cfg: Config, start: _Start, batches: _FoldBatches, data: Dataset, scratch: Path,
+def _fit(cfg: Config, start: _Start, batches: FoldBatches, data: Dataset, scratch: Path,
          callbacks: tuple[keras.callbacks.Callback, ...]) -> checkpoints.EpochLogger:
     """Train from ``start`` to ``train.epochs``; the logger holds the best epoch."""
     logger = checkpoints.EpochLogger(batches.train.samples_per_epoch, scratch, start.model, cfg.train.monitor,
@@ -373,7 +409,7 @@ def _fit(cfg: Config, start: _Start, batches: _FoldBatches, data: Dataset, scrat
     return logger
 
 
-def _finish(cfg: Config, fold: int, run_id: str, logger: checkpoints.EpochLogger, batches: _FoldBatches,
+def _finish(cfg: Config, fold: int, run_id: str, logger: checkpoints.EpochLogger, batches: FoldBatches,
             data: Dataset, scratch: Path, log_model: bool) -> FoldResult:
     """The best epoch's model scored, drawn and logged; the checkpoints dropped."""
     best_model = weights_only(logger.checkpointed, logger.best_weights)
@@ -391,31 +427,33 @@ def _finish(cfg: Config, fold: int, run_id: str, logger: checkpoints.EpochLogger
     return FoldResult(run_id, fold, logger.best, logger.best_epoch, ap, predictions)
 
 
-def train(cfg: Config, fold: int | None) -> tuple[str | None, list[FoldResult]]:
+def train(cfg: Config, fold: int | None, *, force: bool = False) -> tuple[str | None, list[FoldResult]]:
     """What ``python -m rfcx_mlops.train`` runs, in the default experiment (``runs.use_default_experiment``):
     ``fold``, or every fold under a cross-validation run (None).  The cross-validation run's id (None for one
     fold) and each fold's result."""
     runs.use_default_experiment()
     if fold is not None:
-        return None, [train_fold(cfg, fold)]
-    return train_cv(cfg)
+        return None, [train_fold(cfg, fold, force=force)]
+    return train_cv(cfg, force=force)
 
 
-def train_cv(cfg: Config, *, tags: dict[str, str] | None = None) -> tuple[str, list[FoldResult]]:
+def train_cv(cfg: Config, *, tags: dict[str, str] | None = None,
+             force: bool = False) -> tuple[str, list[FoldResult]]:
     """Every fold as a nested run under one cross-validation run, which gets the folds' summary."""
     data = prepare(cfg)  # loaded and checked once, for every fold
+    check_memory(cfg, fold_batches(cfg, 1, data), force)  # before the parent run: a refusal leaves none behind
     with runs.tracked_run(run_name=f"{cfg.name}-cv") as parent:
         runs.log_config(cfg)
         _log_species(cfg, data)
         mlflow.set_tags(runs.tags(cfg, cv="true", fold="all", **runs.data_tags(data.data_dir, data.demo),
                                   **(tags or {})))
-        results = [train_fold(cfg, fold, data=data, parent_run_id=parent.info.run_id)
+        results = [train_fold(cfg, fold, data=data, parent_run_id=parent.info.run_id, force=force)
                    for fold in range(1, cfg.folds.n_splits + 1)]
         plots.log_cv_summary(results, cfg.train.monitor)
     return parent.info.run_id, results
 
 
-def resume(run_id: str) -> tuple[Config, FoldResult | None]:
+def resume(run_id: str, *, force: bool = False) -> tuple[Config, FoldResult | None]:
     """Continue run ``run_id`` from its last checkpoint, with its own config and fold: its config, and the result
     (None where the run has finished: nothing is left to train)."""
     try:
@@ -427,4 +465,4 @@ def resume(run_id: str) -> tuple[Config, FoldResult | None]:
     if run.info.status == "FINISHED":
         return cfg, None
     runs.hand_launcher_to(run_id)
-    return cfg, train_fold(cfg, int(run.data.tags.get("fold", 1)), resume=run_id)
+    return cfg, train_fold(cfg, int(run.data.tags.get("fold", 1)), resume=run_id, force=force)

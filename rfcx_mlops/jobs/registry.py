@@ -381,7 +381,9 @@ def _recipe_section(run: Run, trained: list[Run], cfg: Config) -> list[str]:
             f"initial weights {cfg.model.weights}",
             f"- mel spectrograms {cfg.features.n_mels} x {cfg.features.frames}, {cfg.features.fmin:g}-"
             f"{cfg.features.fmax:g} Hz, {cfg.data.sample_rate} Hz audio",
-            f"- {cfg.train.epochs} epoch{'s' if cfg.train.epochs != 1 else ''} of batch {cfg.train.batch_size}, learning rate {cfg.train.learning_rate:g}; "
+            f"- {cfg.train.epochs} epoch{'s' if cfg.train.epochs != 1 else ''} of batch {cfg.train.batch_size}"
+            + (f" (in {cfg.train.accumulate_steps} micro-batches)" if cfg.train.accumulate_steps > 1 else "")
+            + f", learning rate {cfg.train.learning_rate:g}; "
             f"best epoch {epochs} by `{cfg.train.monitor}`"
             + "".join(f"; {k} {run.data.metrics[k]:.4f}" for k in ("best_val_lwlrap", "best_val_recording_lwlrap")
                       if k in run.data.metrics),

@@ -61,15 +61,17 @@ class Round:
 
 
 def selftrain(cfg: Config, fold: int, *, teacher: str | None = None, resume: str | None = None,
-              say: Callable[[str], None] = print) -> tuple[str, list[Round]]:
+              say: Callable[[str], None] = print, force: bool = False) -> tuple[str, list[Round]]:
     """Self-train ``fold`` of ``cfg`` from ``teacher`` (a run id; None: trained as round 0), or continue the
-    self-training run ``resume``: its run id and its rounds."""
+    self-training run ``resume``: its run id and its rounds.  ``force``: train rounds estimated to need more
+    memory than this machine has (``fit.check_memory``)."""
     runs.use_default_experiment()
     if teacher:
         _check_teacher(cfg, fold, teacher)
     data = fit.prepare(cfg)
     if teacher:
         _check_teacher_data(teacher, data)
+    fit.check_memory(cfg, fit.fold_batches(cfg, fold, data), force)  # before the parent run exists
     with runs.tracked_run(run_id=resume, run_name=None if resume else f"{cfg.name}-selftrain") as parent, \
             tempfile.TemporaryDirectory(prefix="rfcx-selftrain-") as tmp:
         parent_id = parent.info.run_id
@@ -81,7 +83,7 @@ def selftrain(cfg: Config, fold: int, *, teacher: str | None = None, resume: str
                                       **({"teacher_run_id": teacher} if teacher else {})))
         done = _finished_rounds(parent_id, cfg, fold, teacher)
         if not done:
-            done.append(_teacher(cfg, fold, data, parent_id))
+            done.append(_teacher(cfg, fold, data, parent_id, force))
         recorded = {m.step for m in MlflowClient().get_metric_history(parent_id, f"best_{cfg.train.monitor}")}
         for k, r in enumerate(done):
             if r.number in recorded:
@@ -89,7 +91,7 @@ def selftrain(cfg: Config, fold: int, *, teacher: str | None = None, resume: str
             else:
                 _record(cfg, fold, data, parent_id, done[: k + 1], say)
         while len(done) <= cfg.pseudo.rounds and not _stalled(done, cfg.pseudo.patience):
-            student = _student(cfg, fold, data, parent_id, done[-1], Path(tmp))
+            student = _student(cfg, fold, data, parent_id, done[-1], Path(tmp), force)
             if student is None:
                 say(f"stopped after round {done[-1].number}: it labels no call at the pseudo-label threshold")
                 break
@@ -193,14 +195,15 @@ def _unfinished(parent_id: str, number: int) -> str | None:
     return None
 
 
-def _teacher(cfg: Config, fold: int, data: Dataset, parent_id: str) -> Round:
+def _teacher(cfg: Config, fold: int, data: Dataset, parent_id: str, force: bool) -> Round:
     resume = _unfinished(parent_id, 0)
     result = fit.train_fold(cfg, fold, data=data, parent_run_id=parent_id, resume=resume,
-                            run_name=f"{cfg.name}-round0", tags={ROUND_TAG: "0"})
+                            run_name=f"{cfg.name}-round0", tags={ROUND_TAG: "0"}, force=force)
     return Round(0, result.run_id, result.best_value)
 
 
-def _student(cfg: Config, fold: int, data: Dataset, parent_id: str, teacher: Round, scratch: Path) -> Round | None:
+def _student(cfg: Config, fold: int, data: Dataset, parent_id: str, teacher: Round, scratch: Path,
+             force: bool) -> Round | None:
     """Round ``teacher.number + 1``: labelled by ``teacher``, trained on the fold's windows and those; None where
     the teacher labels nothing."""
     number = teacher.number + 1
@@ -223,7 +226,7 @@ def _student(cfg: Config, fold: int, data: Dataset, parent_id: str, teacher: Rou
             "teacher_model_id": ",".join(m.removeprefix("models:/") for m in labelled_by),
             "pseudo_out_of_fold": str(out_of_fold).lower()}
     result = fit.train_fold(cfg, fold, data=data, parent_run_id=parent_id, resume=resume, student=student,
-                            run_name=f"{cfg.name}-round{number}", tags=tags)
+                            run_name=f"{cfg.name}-round{number}", tags=tags, force=force)
     return Round(number, result.run_id, result.best_value)
 
 

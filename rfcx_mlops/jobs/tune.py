@@ -119,8 +119,9 @@ class Objective:
     """One trial: draw values, train each fold in nested MLflow runs, return the mean best ``train.monitor``."""
 
     def __init__(self, cfg: Config, data: Dataset, folds: list[int], space: SearchSpace, parent_run_id: str,
-                 study_name: str, keep_models: bool):
+                 study_name: str, keep_models: bool, force: bool):
         self.cfg, self.data, self.folds, self.space, self.keep_models = cfg, data, folds, space, keep_models
+        self.force = force
         self.parent_run_id, self.study_name = parent_run_id, study_name
         self.current: optuna.Trial | None = None
 
@@ -150,7 +151,7 @@ class Objective:
     def _fold(self, trial, cfg, fold, index, parent, tags, run_name=None) -> tuple[float, int | None]:
         reporter = _Reporter(trial, index * cfg.train.epochs, cfg.train.monitor)
         result = fit.train_fold(cfg, fold, data=self.data, parent_run_id=parent, callbacks=(reporter,), tags=tags,
-                                run_name=run_name, log_model=self.keep_models)
+                                run_name=run_name, log_model=self.keep_models, force=self.force)
         return result.best_value, reporter.pruned_at
 
     def _folds(self, trial, cfg, tags) -> tuple[float, int | None]:
@@ -217,6 +218,7 @@ class Tuning:
     folds: tuple[int, ...]  # the folds each trial trains
     keep_models: bool
     heartbeat: int  # seconds between a running trial's heartbeats
+    force: bool  # train a trial whose estimated peak memory exceeds what this machine has
 
 
 def sampler_seed(seed: int, storage_url: str, n_existing: int) -> int:
@@ -243,7 +245,7 @@ def run(cfg: Config, space: SearchSpace, tuning: Tuning) -> tuple[optuna.Study, 
         # Under `mlflow run -e tune` this is the run MLflow opened, which holds the -P values as plain params.
         _log_worker(cfg, study, tuning)
         objective = Objective(cfg, data, list(tuning.folds), space, parent.info.run_id, study.study_name,
-                              tuning.keep_models)
+                              tuning.keep_models, tuning.force)
         failures = _FailureLimit(MAX_FAILURES_IN_A_ROW)
         _optimize(study, objective, failures, tuning)
         best = log_study(study)

@@ -151,7 +151,10 @@ class Batches(keras.utils.PyDataset):
         self.recordings = recordings
         self.cfg = cfg
         self.training = training
-        self.batch_size = cfg.train.batch_size
+        # Training: a step's batch in train.accumulate_steps micro-batches, whose gradients the optimizer sums.
+        # Validation batches are micro-batch sized: no step of a run needs the memory of a whole batch.
+        self.micro = cfg.train.accumulate_steps if training else 1
+        self.batch_size = cfg.train.batch_size if training else cfg.train.batch_size // cfg.train.accumulate_steps
         self.sample_rate = cfg.data.sample_rate
         self.transform = augment.from_config(cfg.augment if training else AugmentConfig(enabled=False),
                                              self.sample_rate)
@@ -172,7 +175,10 @@ class Batches(keras.utils.PyDataset):
             return self._shared_order(np.flatnonzero(~pseudo), np.flatnonzero(pseudo), rng)
         # A fixed number of steps may need more than one pass over the samples.
         passes = 1 if steps == 0 else math.ceil(steps * self.batch_size / n)
-        return np.concatenate([rng.permutation(n) for _ in range(passes)])
+        order = np.concatenate([rng.permutation(n) for _ in range(passes)])
+        short = len(order) % self.batch_size
+        # A last step too small to give every micro-batch a sample: its few samples wait for the next shuffle.
+        return order[:-short] if 0 < short < self.micro else order
 
     def _shared_order(self, original: np.ndarray, pseudo: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Every batch: ``pseudo.share`` of it on the original rows' windows, the rest on pseudo-labelled ones.
@@ -190,10 +196,15 @@ class Batches(keras.utils.PyDataset):
         return np.concatenate([drawn(original, steps * own).reshape(steps, own),
                                drawn(pseudo, steps * (size - own)).reshape(steps, size - own)], axis=1).ravel()
 
-    def __len__(self) -> int:
+    @property
+    def steps(self) -> int:
+        """Optimizer steps an epoch (training); batches (validation)."""
         if self.training and self.cfg.train.steps_per_epoch:
             return self.cfg.train.steps_per_epoch
         return math.ceil(len(self.order) / self.batch_size)
+
+    def __len__(self) -> int:
+        return self.steps * self.micro
 
     def waveform(self, i: int) -> np.ndarray:
         info = self.recordings[self.samples.recording_ids[i]]
@@ -214,7 +225,7 @@ class Batches(keras.utils.PyDataset):
 
     @property
     def samples_per_epoch(self) -> int:
-        return min(len(self) * self.batch_size, len(self.order))
+        return min(self.steps * self.batch_size, len(self.order))
 
     def draw(self, i: int, epoch: int, repeat: int = 0) -> augment.Drawn:
         """Sample ``i``'s waveform after the waveform-domain augmentations, every drawn value, and the
@@ -226,10 +237,12 @@ class Batches(keras.utils.PyDataset):
         return streams.rng(self.cfg.seed, Purpose.SAMPLE_DRAWS, epoch, i, repeat)
 
     def _batch(self, index: int) -> list[tuple[int, int]]:
-        """The (sample, repeat) pairs of batch ``index``."""
+        """The (sample, repeat) pairs of batch ``index`` (a micro-batch where a step has several)."""
         if not 0 <= index < len(self):
             raise IndexError(f"batch {index} out of range (0..{len(self) - 1})")
-        positions = slice(index * self.batch_size, (index + 1) * self.batch_size)
+        step, part = divmod(index, self.micro)
+        # Strided: each micro-batch of a self-training step holds both the rows' windows and pseudo-labelled ones.
+        positions = slice(step * self.batch_size + part, (step + 1) * self.batch_size, self.micro)
         return list(zip(self.order[positions].tolist(), self.repeats[positions].tolist()))
 
     def labels(self, batch: list[tuple[int, int]]) -> np.ndarray:

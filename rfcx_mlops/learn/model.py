@@ -42,15 +42,47 @@ def precision_and_devices(cfg: Config):
 
 
 def build(cfg: Config, steps_per_epoch: int) -> keras.Model:
-    """The compiled model.  Weights draw from Keras' global seed: set it first (``keras.utils.set_random_seed``).
+    """The compiled model, whose optimizer steps ``steps_per_epoch`` times an epoch.  Weights draw from Keras'
+    global seed: set it first (``keras.utils.set_random_seed``).
 
     It takes what serving gives it: images, or with ``features.backend: tensorflow`` a window
     of audio, which its ``MelFrontEnd`` turns into images before its ``classifier``.  Training
     wraps it (``for_training``) where augmentation has to reach the images.
     """
     model = front_end(cfg).model(lambda name: _classifier(cfg, name))
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate(cfg, steps_per_epoch)), **_compiled(cfg))
+    model.compile(optimizer=optimizer(cfg, steps_per_epoch), **_compiled(cfg))
     return model
+
+
+def optimizer(cfg: Config, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """Adam at ``learning_rate``'s rates.  With ``train.accumulate_steps``, it steps once every that many batches,
+    on the mean of their gradients (each of its micro-batch's mean loss): the whole batch's gradient, the
+    micro-batches being the same size, at the whole batch's rate."""
+    rate, accumulate = learning_rate(cfg, steps_per_epoch), cfg.train.accumulate_steps
+    if accumulate == 1:
+        return keras.optimizers.Adam(rate)
+    if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+        rate = PerStep(rate, accumulate)
+    return keras.optimizers.Adam(rate, gradient_accumulation_steps=accumulate)
+
+
+@keras.saving.register_keras_serializable(package="rfcx_mlops")
+class PerStep(keras.optimizers.schedules.LearningRateSchedule):
+    """``schedule`` by optimizer step, for an optimizer that steps once ``every`` batches: Keras gives a schedule
+    the batches counted so far (Keras 3.15), though its ``iterations`` count steps."""
+
+    def __init__(self, schedule: keras.optimizers.schedules.LearningRateSchedule, every: int):
+        self.schedule, self.every = schedule, every
+
+    def __call__(self, step):
+        return self.schedule(step // self.every)
+
+    def get_config(self) -> dict:
+        return {"schedule": keras.saving.serialize_keras_object(self.schedule), "every": self.every}
+
+    @classmethod
+    def from_config(cls, config: dict) -> PerStep:
+        return cls(keras.saving.deserialize_keras_object(config["schedule"]), config["every"])
 
 
 def _classifier(cfg: Config, name: str) -> keras.Model:
