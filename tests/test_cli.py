@@ -222,6 +222,11 @@ def test_a_training_command_says_at_once_that_it_will_stop(capfd):
             a @ a  # the interrupt waits for the product
         return 0
 
-    code = cli.run(command, argparse.Namespace(verbose=False), interrupted="kept", stopping=cli.STOPPING)
+    # Ctrl-C as a terminal delivers it, even where whatever started the tests ignores SIGINT (nohup, `cmd &`)
+    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code = cli.run(command, argparse.Namespace(verbose=False), interrupted="kept", stopping=cli.STOPPING)
+    finally:
+        signal.signal(signal.SIGINT, ignored)
     assert code == cli.Exit.INTERRUPTED
     assert capfd.readouterr().err.splitlines()[-2:] == [cli.STOPPING, "interrupted: kept"]

@@ -251,8 +251,10 @@ def test_a_killed_job_resumed_scores_each_recording_once(local_out, field, cv_ru
 
 def test_ctrl_c_stops_the_job_and_its_workers_at_once(cv_run, field, tmp_path):
     out = tmp_path / "out"
+    # Ctrl-C as a terminal delivers it, even where whatever started the tests ignores SIGINT (nohup, `cmd &`)
     proc = _score(cv_run, field, out, "--workers", "2", "--chunk", "4", stdout=subprocess.PIPE,
-                  stderr=subprocess.PIPE, text=True)
+                  stderr=subprocess.PIPE, text=True,
+                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 600
     while not list((out / "manifest").glob("part-*.parquet")):
         assert proc.poll() is None and time.monotonic() < deadline, "the job ended before its first chunk"
